@@ -1,0 +1,23 @@
+"""Collect a Hydra multirun folder into a paper-style table (CSV, Markdown, LaTeX, plot).
+
+Usage: python analysis/collect_results.py MULTIRUN_DIR [RUN_DIR ...] [--metric test/top1]
+       [--stat median_last20|final] [--out DIR]
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the aggregation CLI (works from a checkout without installing imbssl)."""
+    try:
+        from imbssl.diagnostics.aggregate import collect_main
+    except ModuleNotFoundError:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from imbssl.diagnostics.aggregate import collect_main
+    return collect_main(sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from imbssl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,116 @@
+"""ReMixMatch (Berthelot et al., ICLR 2020), following DASO's ``remixmatch.py``/``rm_daso.py``.
+
+Guess on the weak view: softmax -> distribution alignment (p(y) of the labeled set over the
+running mean of the last 128 batches' predictions) -> sharpen (T=0.5) -> refiner (DASO blend).
+The guess anchors both strong views (augmentation anchoring). Losses: soft CE on the mixed
+labeled part, soft CE on the mixed unlabeled part (lambda_U, ramped), pre-MixUp soft CE of
+strong view 1 against the guess (lambda_U1, ramped), rotation CE on strong view 1 (lambda_r).
+Forward passes: [weak, strong 1] (guess, pre-MixUp logits, refiner features), one concatenated
+pass over the mixed [labeled, weak, strong 1, strong 2] (batch norm sees all of it, so DASO's
+interleaving is unnecessary), and the rotated strong view 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from imbssl.algorithms import register
+from imbssl.algorithms.base import Algorithm, AlgorithmConfig, Batch, StepState, forward_all
+from imbssl.algorithms.ops import (
+    linear_rampup,
+    mixup,
+    one_hot,
+    rotate_batch,
+    sharpen,
+    soft_cross_entropy,
+)
+from imbssl.pseudo.base import add_extra_loss
+from imbssl.pseudo.dist_align import build_dist_align
+
+
+@dataclass
+class ReMixMatchConfig(AlgorithmConfig):
+    name: str = "remixmatch"
+    uratio: int = 1  # ReMixMatch paper / DASO default (UNLABELED_BATCH_RATIO 1)
+    temperature: float = 0.5  # T (paper; DASO remixmatch.yaml)
+    mixup_alpha: float = 0.75  # alpha (paper; DASO remixmatch.yaml)
+    lambda_u: float = 1.5  # lambda_U, mixed unlabeled CE (paper; DASO UNLABELED_LOSS_WEIGHT)
+    lambda_kl: float = 0.5  # lambda_U1, pre-MixUp loss (paper; DASO WEIGHT_KL)
+    lambda_rot: float = 0.5  # lambda_r, rotation loss (paper; DASO WEIGHT_ROT)
+    rampup_ratio: float = 0.016  # linear ramp of lambda_U, lambda_U1 (DASO CONS_RAMPUP_ITERS_RATIO)
+    dist_align: str = "labeled"  # labeled | uniform | none (paper: labeled p(y))
+    dist_align_window: int = 128  # batches in p~(y) (paper; DASO Queue max_size)
+
+
+def rotation_head(feat_dim: int) -> nn.Linear:
+    """Linear(feat_dim, 4), Xavier-normal weights and zero bias (DASO's RotationHead)."""
+    head = nn.Linear(feat_dim, 4)
+    nn.init.xavier_normal_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+@register("remixmatch")
+class ReMixMatch(Algorithm):
+    """Distribution alignment, augmentation anchoring, MixUp and rotation self-supervision."""
+
+    Config = ReMixMatchConfig
+    unlabeled_views = ("weak", "strong", "strong")
+
+    def __init__(self, cfg: ReMixMatchConfig, num_classes: int, feat_dim: int,
+                 labeled_labels: Tensor, refiner=None):
+        super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
+        self.dist_align = build_dist_align(cfg.dist_align, num_classes, self.labeled_prior,
+                                           cfg.dist_align_window)
+
+    @classmethod
+    def make_heads(cls, cfg, feat_dim: int, num_classes: int) -> dict[str, nn.Module]:
+        return {"rotation": rotation_head(feat_dim)}
+
+    def step(self, batch: Batch, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg, model = self.cfg, state.model
+        x_w, x_s1, x_s2 = batch.x_ulb
+        self.feed_refiner(batch, state)
+        (logits_w, feats_w), (logits_s1, feats_s1) = forward_all(model, x_w, x_s1)
+
+        with torch.no_grad():
+            probs = torch.softmax(logits_w.detach().float(), dim=-1)
+            linear = probs.argmax(dim=-1)
+            if self.dist_align is not None:  # q = Normalize(q * p(y) / p~(y))  (Sec. 3.1)
+                probs = self.dist_align(probs)
+            targets_u = sharpen(probs, cfg.temperature)  # (Alg. 1, as MixMatch Eq. 7)
+            targets_u = self.refiner.refine(targets_u, feats_w.detach(), state.step)
+            pseudo = targets_u.argmax(dim=-1)
+        self.refiner.observe(pseudo)
+        ramp = linear_rampup(state.step, state.total_steps, cfg.rampup_ratio)
+
+        # pre-MixUp loss: H(q, p_model(y | u^_1)) on strong view 1  (Sec. 3.3, lambda_U1)
+        loss_kl = soft_cross_entropy(logits_s1, targets_u).mean()
+
+        n_lb = batch.x_lb.size(0)
+        x_all = torch.cat([batch.x_lb, x_w, x_s1, x_s2])
+        y_all = torch.cat([one_hot(batch.y_lb, self.num_classes), targets_u, targets_u, targets_u])
+        x_mix, y_mix, lam = mixup(x_all, y_all, cfg.mixup_alpha)
+        logits = model(x_mix).logits
+        loss_x = soft_cross_entropy(logits[:n_lb], y_mix[:n_lb]).mean()
+        loss_u = soft_cross_entropy(logits[n_lb:], y_mix[n_lb:]).mean()
+
+        # rotation self-supervision on strong view 1: r ~ U{0, 90, 180, 270}  (Sec. 3.3)
+        rot = torch.randint(0, 4, (x_s1.size(0),), device=x_s1.device)
+        rot_logits = model.heads["rotation"](model(rotate_batch(x_s1, rot)).features)
+        loss_rot = F.cross_entropy(rot_logits.float(), rot)
+
+        # total loss (Sec. 3.3): L_X + lambda_U L_U + lambda_U1 L_U1 + lambda_r L_rot
+        loss = (loss_x + ramp * (cfg.lambda_u * loss_u + cfg.lambda_kl * loss_kl)
+                + cfg.lambda_rot * loss_rot)
+        logs = {"loss/labeled": loss_x.detach(), "loss/unlabeled": loss_u.detach(),
+                "loss/premixup": loss_kl.detach(), "loss/rotation": loss_rot.detach(),
+                "mixup/lambda": lam, "pseudo/linear": linear, "pseudo/final": pseudo,
+                "pseudo/mask": torch.ones_like(probs[:, 0])}
+        extra, extra_logs = self.refiner.extra_loss(feats_w, feats_s1, state.step)
+        loss = add_extra_loss(loss, logs, extra, extra_logs)
+        logs.update(self.refiner.pseudo_logs())
+        return loss, logs

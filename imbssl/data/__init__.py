@@ -1,0 +1,125 @@
+"""Data layer: sources -> long-tailed split -> device-resident uint8 tensors + augmenter."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .augment import Augmenter
+from .device_loader import BatchStream, TensorSet
+from .longtail import (
+    Split,
+    SplitCounts,
+    class_counts,
+    make_longtail_split,
+    per_class_counts,
+    planned_counts,
+    split_counts,
+)
+from .sources import NORMALIZATION, DataError, SourceData, channel_stats, load_source
+
+__all__ = [
+    "NORMALIZATION", "Augmenter", "BatchStream", "DataBundle", "DataError", "DatasetConfig",
+    "SourceData", "Split", "SplitCounts", "TensorSet", "build_data", "class_counts",
+    "load_source", "make_longtail_split", "per_class_counts", "planned_counts", "split_counts",
+]
+
+
+@dataclass
+class DatasetConfig:
+    """Schema of the Hydra `dataset` group (registered as dataset/dataset_schema)."""
+
+    name: str = "digits"  # cifar10 | cifar100 | stl10 | digits | imagefolder
+    root: str = "datasets"  # relative paths resolve against the directory the command runs in
+    download: bool = False
+    n1: int = 30  # labeled images of the head class (N_1)
+    m1: int = 90  # unlabeled images of the head class (M_1); ignored for stl10
+    gamma_l: float = 10.0  # labeled imbalance ratio N_1 / N_K
+    gamma_u: float = 10.0  # unlabeled imbalance ratio M_1 / M_K
+    reverse_unlabeled: bool = False  # unlabeled long tail in reversed class order
+    num_valid_per_class: int = 0  # class-balanced validation images held out of train
+    seed: int = 0
+    flip: bool = False  # random horizontal flip in weak/strong views
+
+
+@dataclass
+class DataBundle:
+    """Everything training needs from the data layer, tensors already on the device."""
+
+    num_classes: int
+    class_names: list[str]
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    labeled: TensorSet
+    unlabeled: TensorSet
+    valid: TensorSet | None
+    test: TensorSet
+    labeled_counts: list[int]
+    unlabeled_counts: list[int] | None  # None when unknown (stl10)
+    augmenter: Augmenter
+
+
+def build_data(cfg: Any, device: torch.device | str = "cpu") -> DataBundle:
+    """Load cfg.name, draw the long-tailed split and move every part to `device`."""
+    get = _getter(cfg)
+    name = str(get("name"))
+    src = load_source(name, _resolve_root(str(get("root"))), bool(get("download")))
+    k = src.num_classes
+    has_extra = src.extra_unlabeled_images is not None
+    split = make_longtail_split(
+        src.train_labels, int(get("n1")), float(get("gamma_l")),
+        0 if has_extra else int(get("m1")), 1.0 if has_extra else float(get("gamma_u")),
+        reverse_unlabeled=bool(get("reverse_unlabeled")),
+        num_valid_per_class=int(get("num_valid_per_class")), seed=int(get("seed")),
+        num_classes=k,
+    )
+    counts = split_counts(src.train_labels, split, k)
+
+    def part(idx: np.ndarray) -> TensorSet:
+        return TensorSet.from_numpy(src.train_images[idx], src.train_labels[idx], device)
+
+    if has_extra:  # stl10: the 100k unlabeled images, labels unknown
+        unlabeled, u_counts = TensorSet.from_numpy(src.extra_unlabeled_images, None, device), None
+    else:  # true labels kept only for diagnostics
+        unlabeled, u_counts = part(split.unlabeled), counts.unlabeled
+    mean, std = (channel_stats(src.train_images) if name == "imagefolder"
+                 else NORMALIZATION[name])
+    h, w, c = src.train_images.shape[1:]
+    return DataBundle(
+        num_classes=k, class_names=list(src.class_names), image_shape=(c, h, w),
+        labeled=part(split.labeled), unlabeled=unlabeled,
+        valid=part(split.valid) if len(split.valid) else None,
+        test=TensorSet.from_numpy(src.test_images, src.test_labels, device),
+        labeled_counts=counts.labeled, unlabeled_counts=u_counts,
+        augmenter=Augmenter(mean, std, flip=bool(get("flip"))),
+    )
+
+
+def _getter(cfg: Any):
+    """Read fields from a mapping or an attribute-style config, DatasetConfig defaults filling gaps."""
+    defaults = DatasetConfig()
+
+    def get(key: str):
+        if isinstance(cfg, dict):
+            return cfg.get(key, getattr(defaults, key))
+        return getattr(cfg, key, getattr(defaults, key))
+
+    return get
+
+
+def _resolve_root(root: str) -> Path:
+    """A relative root is taken from the directory the command was started in (even under Hydra)."""
+    path = Path(root).expanduser()
+    if path.is_absolute():
+        return path
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.utils import get_original_cwd
+
+        if HydraConfig.initialized():
+            return Path(get_original_cwd()) / path
+    except ImportError:  # hydra is optional for the data layer
+        pass
+    return path

@@ -1,0 +1,123 @@
+"""Long-tailed labeled/unlabeled splits (pure numpy).
+
+Counts follow the DASO protocol (Oh et al., CVPR 2022, Sec. 4.1): class k of K gets
+N_k = N_1 * gamma^(-(k / (K - 1))) images, truncated to an integer, for the labeled set
+(N_1, gamma_l) and likewise for the unlabeled set (M_1, gamma_u).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+
+class Split(NamedTuple):
+    """Index arrays (int64, sorted) into the source labels; the three parts are disjoint."""
+
+    labeled: np.ndarray
+    unlabeled: np.ndarray
+    valid: np.ndarray
+
+
+class SplitCounts(NamedTuple):
+    """Per-class image counts of a split, class 0 first."""
+
+    labeled: list[int]
+    unlabeled: list[int]
+    valid: list[int]
+
+
+def class_counts(n_head: int, gamma: float, num_classes: int, reverse: bool = False) -> list[int]:
+    """Per-class counts int(n_head * (1/gamma)^(k/(K-1))), head class first unless reversed."""
+    _check_params(n_head, gamma, "n_head", "gamma")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if num_classes == 1:
+        return [int(n_head)]
+    # Exactly the float expression of DASO's get_imb_num / make_imbalance.
+    counts = [int(n_head * (1 / gamma) ** (k / (num_classes - 1))) for k in range(num_classes)]
+    return counts[::-1] if reverse else counts
+
+
+def planned_counts(
+    n1: int,
+    gamma_l: float,
+    m1: int,
+    gamma_u: float,
+    num_classes: int,
+    reverse_unlabeled: bool = False,
+    num_valid_per_class: int = 0,
+) -> SplitCounts:
+    """The per-class labeled/unlabeled/valid counts that make_longtail_split will draw."""
+    return SplitCounts(
+        labeled=class_counts(n1, gamma_l, num_classes),
+        unlabeled=class_counts(m1, gamma_u, num_classes, reverse=reverse_unlabeled),
+        valid=[int(num_valid_per_class)] * num_classes,
+    )
+
+
+def per_class_counts(labels: np.ndarray, indices: np.ndarray, num_classes: int) -> list[int]:
+    """How many of labels[indices] fall in each class 0..num_classes-1."""
+    sel = np.asarray(labels)[np.asarray(indices, dtype=np.int64)]
+    return np.bincount(sel, minlength=num_classes)[:num_classes].astype(int).tolist()
+
+
+def split_counts(labels: np.ndarray, split: Split, num_classes: int) -> SplitCounts:
+    """Observed per-class counts of every part of a split."""
+    return SplitCounts(*(per_class_counts(labels, part, num_classes) for part in split))
+
+
+def make_longtail_split(
+    labels: np.ndarray,
+    n1: int,
+    gamma_l: float,
+    m1: int,
+    gamma_u: float,
+    reverse_unlabeled: bool = False,
+    num_valid_per_class: int = 0,
+    seed: int = 0,
+    num_classes: int | None = None,
+) -> Split:
+    """Hold out a class-balanced validation set, then draw disjoint long-tailed L and U sets."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+    _check_params(n1, gamma_l, "n1", "gamma_l")
+    _check_params(m1, gamma_u, "m1", "gamma_u")
+    if num_valid_per_class < 0:
+        raise ValueError(f"num_valid_per_class must be >= 0, got {num_valid_per_class}")
+    k_classes = int(labels.max()) + 1 if num_classes is None else int(num_classes)
+    plan = planned_counts(n1, gamma_l, m1, gamma_u, k_classes, reverse_unlabeled,
+                          num_valid_per_class)
+    rng = np.random.default_rng(seed)
+    parts: tuple[list, list, list] = ([], [], [])
+    for c in range(k_classes):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        n_l, n_u, n_v = plan.labeled[c], plan.unlabeled[c], plan.valid[c]
+        _check_class(c, len(members), n_l, n_u, n_v)
+        parts[2].append(members[:n_v])
+        parts[0].append(members[n_v:n_v + n_l])
+        parts[1].append(members[n_v + n_l:n_v + n_l + n_u])
+    return Split(*(np.sort(np.concatenate(p)).astype(np.int64) for p in parts))
+
+
+def _check_params(n_head: float, gamma: float, n_name: str, g_name: str) -> None:
+    """Reject negative head counts and imbalance ratios below 1."""
+    if n_head < 0:
+        raise ValueError(f"{n_name} must be >= 0, got {n_head}")
+    if not gamma >= 1:
+        raise ValueError(f"{g_name} (imbalance ratio) must be >= 1, got {gamma}")
+
+
+def _check_class(c: int, available: int, n_l: int, n_u: int, n_v: int) -> None:
+    """Raise a ValueError naming class c when it cannot supply the requested images."""
+    if n_v > available:
+        raise ValueError(
+            f"class {c} has {available} images, fewer than the {n_v} requested for validation"
+        )
+    left = available - n_v
+    if n_l + n_u > left:
+        raise ValueError(
+            f"class {c} has {left} images after holding out {n_v} for validation, "
+            f"but {n_l} labeled + {n_u} unlabeled were requested"
+        )

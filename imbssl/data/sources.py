@@ -1,0 +1,315 @@
+"""Raw datasets as uint8 arrays (N, H, W, C) + int64 labels + class names.
+
+Readers: CIFAR-10/100 ("python version" pickles, no md5 check), STL-10 (torchvision),
+scikit-learn's 8x8 digits (embedded, no download) and a user image folder (cached as .npz).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Per-dataset channel mean/std in [0, 1] units.
+NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    # FixMatch / DASO values.
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    # DASO normalizes STL-10 with the CIFAR-10 statistics (lib/dataset/transform/build.py).
+    "stl10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    # Computed on the digits train split below (uint8-scaled pixels / 255).
+    "digits": ((0.3057,), (0.3761,)),
+    # Fallback only: build_data computes the statistics of the user's train images.
+    "imagefolder": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+CIFAR10_MATERIALIZE_HINT = "python ../shared/data/materialize.py datasets/"
+CACHE_NAME = ".imbssl_cache.npz"
+DIGITS_TEST_PER_CLASS = 50
+
+
+class DataError(ValueError):
+    """A dataset is missing, incomplete or unreadable; the message says what to do."""
+
+
+@dataclass
+class SourceData:
+    """A dataset in memory: uint8 (N, H, W, C) images, int64 labels and class names."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    class_names: list[str]
+    extra_unlabeled_images: np.ndarray | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.class_names)
+
+
+def load_source(name: str, root: str | Path = "datasets", download: bool = False) -> SourceData:
+    """Load dataset `name` (cifar10|cifar100|stl10|digits|imagefolder) from `root`."""
+    loaders: dict[str, Callable[[Path, bool], SourceData]] = {
+        "cifar10": lambda r, d: _load_cifar("cifar10", r, d),
+        "cifar100": lambda r, d: _load_cifar("cifar100", r, d),
+        "stl10": _load_stl10,
+        "digits": lambda r, d: load_digits_source(),
+        "imagefolder": lambda r, d: load_imagefolder(r),
+    }
+    if name not in loaders:
+        raise DataError(f"unknown dataset {name!r}; choose one of {sorted(loaders)}")
+    return loaders[name](Path(root).expanduser(), bool(download))
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 (N, H, W, C) images in [0, 1] units."""
+    x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    std = np.maximum(x.std(axis=0), 1e-3)  # constant images: avoid dividing by zero
+    return tuple(float(v) for v in x.mean(axis=0)), tuple(float(v) for v in std)
+
+
+# ----------------------------------------------------------------------------- CIFAR
+
+_CIFAR = {
+    "cifar10": dict(title="CIFAR-10", folder="cifar-10-batches-py",
+                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
+                    meta="batches.meta", names="label_names", labels="labels", tv="CIFAR10"),
+    "cifar100": dict(title="CIFAR-100", folder="cifar-100-python", train=["train"],
+                     test=["test"], meta="meta", names="fine_label_names",
+                     labels="fine_labels", tv="CIFAR100"),
+}
+
+
+def _load_cifar(name: str, root: Path, download: bool) -> SourceData:
+    """Read the CIFAR python-version pickles under root (downloading them if asked)."""
+    spec = _CIFAR[name]
+    folder = root / spec["folder"]
+    if not folder.is_dir():
+        if not download:
+            raise DataError(_missing_cifar_message(spec, folder))
+        _torchvision_download(spec, root)
+    train_x, train_y = _read_cifar_batches(folder, spec["train"], spec["labels"])
+    test_x, test_y = _read_cifar_batches(folder, spec["test"], spec["labels"])
+    meta = _read_pickle(folder / spec["meta"])
+    names = _get_key(meta, spec["names"], folder / spec["meta"])
+    return SourceData(train_x, train_y, test_x, test_y, [str(n) for n in names])
+
+
+def _missing_cifar_message(spec: dict, folder: Path) -> str:
+    """The one error for a missing CIFAR folder, naming both ways to get the data."""
+    hint = (f" (in this project's dev environment: `{CIFAR10_MATERIALIZE_HINT}`)"
+            if spec["tv"] == "CIFAR10" else "")
+    return (f"{spec['title']} not found: expected the python-version folder {folder}. "
+            f"Either set dataset.download=true to download it through torchvision, "
+            f"or put the files there{hint}.")
+
+
+def _torchvision_download(spec: dict, root: Path) -> None:
+    """Download and extract a CIFAR archive into root through torchvision."""
+    import torchvision.datasets as tvd
+
+    try:
+        getattr(tvd, spec["tv"])(str(root), train=True, download=True)
+    except Exception as exc:  # network errors come in many types
+        raise DataError(f"downloading {spec['title']} into {root} failed: {exc}") from exc
+
+
+def _read_cifar_batches(folder: Path, files: list[str], label_key: str):
+    """Concatenate the images (N, 32, 32, 3) uint8 and int64 labels of some batch files."""
+    xs, ys = [], []
+    for fname in files:
+        path = folder / fname
+        batch = _read_pickle(path)
+        data = np.asarray(_get_key(batch, "data", path), dtype=np.uint8)
+        labels = np.asarray(_get_key(batch, label_key, path), dtype=np.int64)
+        if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+            raise DataError(f"{path} is corrupted: data has shape {data.shape} for "
+                            f"{len(labels)} labels, expected (N, 3072)")
+        # Rows are channel-major (R plane, G plane, B plane), 32x32 each.
+        xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.append(labels)
+    return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys)
+
+
+def _read_pickle(path: Path) -> dict:
+    """Unpickle one CIFAR file (latin1); any failure becomes a one-line DataError."""
+    try:
+        with open(path, "rb") as f:
+            obj = pickle.load(f, encoding="latin1")
+    except FileNotFoundError as exc:
+        raise DataError(f"missing file {path}; the dataset folder is incomplete") from exc
+    except Exception as exc:  # UnpicklingError, EOFError, ValueError, ...
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        raise DataError(f"{path} is corrupted or truncated ({type(exc).__name__}: {msg}); "
+                        f"delete it and get the dataset again") from exc
+    if not isinstance(obj, dict):
+        raise DataError(f"{path} is corrupted: expected a pickled dict, got {type(obj).__name__}")
+    return obj
+
+
+def _get_key(d: dict, key: str, path: Path):
+    """d[key], or a DataError naming the file when the key is missing."""
+    if key not in d:
+        raise DataError(f"{path} is corrupted: it has no {key!r} entry")
+    return d[key]
+
+
+# ----------------------------------------------------------------------------- STL-10
+
+def _load_stl10(root: Path, download: bool) -> SourceData:
+    """STL-10 through torchvision: 5k labeled train, 8k test, 100k unlabeled (CHW -> HWC)."""
+    folder = root / "stl10_binary"
+    if not folder.is_dir() and not download:
+        raise DataError(f"STL-10 not found: expected {folder}. Set dataset.download=true to "
+                        f"download it through torchvision, or put the stl10_binary folder there.")
+    import torchvision.datasets as tvd
+
+    try:
+        train = tvd.STL10(str(root), split="train", download=download)
+        test = tvd.STL10(str(root), split="test")
+        unlabeled = tvd.STL10(str(root), split="unlabeled")
+    except RuntimeError as exc:
+        raise DataError(f"STL-10 under {folder} is incomplete or corrupted ({exc})") from exc
+    return SourceData(
+        train_images=_chw_to_hwc(train.data), train_labels=np.asarray(train.labels, np.int64),
+        test_images=_chw_to_hwc(test.data), test_labels=np.asarray(test.labels, np.int64),
+        class_names=list(getattr(train, "classes", [str(i) for i in range(10)])),
+        extra_unlabeled_images=_chw_to_hwc(unlabeled.data),
+    )
+
+
+def _chw_to_hwc(x: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) -> contiguous uint8 (N, H, W, C)."""
+    return np.ascontiguousarray(np.asarray(x, dtype=np.uint8).transpose(0, 2, 3, 1))
+
+
+# ----------------------------------------------------------------------------- digits
+
+def load_digits_source() -> SourceData:
+    """scikit-learn's 8x8 digits scaled to uint8; 50 images per class held out as test."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # 0..16 -> 0..255
+    labels = d.target.astype(np.int64)
+    rng = np.random.default_rng(0)
+    test_idx = np.sort(np.concatenate([
+        rng.permutation(np.flatnonzero(labels == c))[:DIGITS_TEST_PER_CLASS] for c in range(10)
+    ]))
+    is_train = np.ones(len(labels), dtype=bool)
+    is_train[test_idx] = False
+    return SourceData(images[is_train], labels[is_train], images[test_idx], labels[test_idx],
+                      [str(c) for c in range(10)])
+
+
+# ----------------------------------------------------------------------------- image folder
+
+_LAYOUT = "root/train/<class>/<image files> and root/test/<class>/<image files>"
+
+
+def load_imagefolder(root: str | Path) -> SourceData:
+    """Users' images under root/{train,test}/<class>/, decoded once and cached as an .npz."""
+    root = Path(root)
+    if not (root / "train").is_dir():
+        raise DataError(f"image folder {root} has no train/ subfolder; expected {_LAYOUT}")
+    class_names = _visible_dirs(root / "train")
+    if not class_names:
+        raise DataError(f"{root / 'train'} has no class subfolders; expected {_LAYOUT}")
+    files = {s: _list_split(root, s, class_names) for s in ("train", "test")}
+    fingerprint = _fingerprint(root, files)
+    cached = _read_cache(root / CACHE_NAME, fingerprint)
+    if cached is not None:
+        return cached
+    paths = [p for s in ("train", "test") for p, _ in files[s]]
+    images = _decode_all(paths)
+    n_train = len(files["train"])
+    src = SourceData(images[:n_train], np.array([y for _, y in files["train"]], np.int64),
+                     images[n_train:], np.array([y for _, y in files["test"]], np.int64),
+                     class_names)
+    _write_cache(root / CACHE_NAME, fingerprint, src)
+    return src
+
+
+def _visible_dirs(folder: Path) -> list[str]:
+    """Sorted names of the non-hidden subfolders."""
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _list_split(root: Path, split: str, class_names: list[str]) -> list[tuple[Path, int]]:
+    """(file, class index) pairs of one split, in sorted order."""
+    folder = root / split
+    if not folder.is_dir():
+        raise DataError(f"image folder {root} has no {split}/ subfolder; expected {_LAYOUT}")
+    unknown = sorted(set(_visible_dirs(folder)) - set(class_names))
+    if unknown:
+        raise DataError(f"{folder} has class folders {unknown} that train/ does not have")
+    out = []
+    for idx, name in enumerate(class_names):
+        cdir = folder / name
+        if cdir.is_dir():
+            out += [(p, idx) for p in sorted(cdir.iterdir())
+                    if p.is_file() and not p.name.startswith(".")]
+    if split == "train" and not out:
+        raise DataError(f"{folder} contains no image files; expected {_LAYOUT}")
+    return out
+
+
+def _fingerprint(root: Path, files: dict) -> str:
+    """A hash of every file's relative path, size and modification time."""
+    h = hashlib.sha1()
+    for split in ("train", "test"):
+        for path, label in files[split]:
+            st = path.stat()
+            h.update(f"{path.relative_to(root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _decode_all(paths: list[Path]) -> np.ndarray:
+    """Decode every file to RGB uint8; all must share the first file's size."""
+    from PIL import Image, UnidentifiedImageError
+
+    out = None
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise DataError(f"{path} is not a readable image file ({exc})") from exc
+        if out is None:
+            out = np.empty((len(paths), *arr.shape), dtype=np.uint8)
+        elif arr.shape != out.shape[1:]:
+            raise DataError(
+                f"{path} is {arr.shape[1]}x{arr.shape[0]} but {paths[0]} is "
+                f"{out.shape[2]}x{out.shape[1]}: all images must have the same size")
+        out[i] = arr
+    return out
+
+
+def _read_cache(path: Path, fingerprint: str) -> SourceData | None:
+    """The cached arrays when the cache exists and matches the current file list."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["fingerprint"]) != fingerprint:
+                return None
+            return SourceData(z["train_images"], z["train_labels"], z["test_images"],
+                              z["test_labels"], [str(n) for n in z["class_names"]])
+    except Exception:  # a broken cache is simply rebuilt
+        return None
+
+
+def _write_cache(path: Path, fingerprint: str, src: SourceData) -> None:
+    """Write the decoded arrays atomically next to the images."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, fingerprint=np.array(fingerprint), class_names=np.array(src.class_names),
+                 train_images=src.train_images, train_labels=src.train_labels,
+                 test_images=src.test_images, test_labels=src.test_labels)
+    os.replace(tmp, path)

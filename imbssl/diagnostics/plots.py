@@ -1,0 +1,299 @@
+"""Figures of a run's diagnostics (DASO paper Figure 1 style), from whatever is logged so far.
+
+Figures are built with matplotlib's object API (no pyplot, so no global backend or state is
+touched; rendering uses Agg) and each is saved as PNG and SVG.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from imbssl.diagnostics.logfile import Run, read_run, short_value
+
+PNG_DPI = 110
+MAX_TICKS = 30
+LABEL_KEYS = (("algorithm.name", ""), ("pseudo.name", ""), ("dataset.name", ""),
+              ("dataset.n1", "N1="), ("dataset.m1", "M1="), ("dataset.gamma_l", "γl="),
+              ("dataset.gamma_u", "γu="), ("dataset.reverse_unlabeled", "rev="),
+              ("seed", "seed "))
+
+
+@dataclass
+class FigureFile:
+    """One saved figure: its title, the run it belongs to (None: all runs) and its files."""
+
+    title: str
+    png: Path
+    svg: Path
+    run: int | None = None
+
+
+def _figure(width: float, height: float, nrows: int = 1, ncols: int = 1, **kwargs):
+    """A constrained-layout figure with whitegrid-styled axes (a 2-d array)."""
+    with sns.axes_style("whitegrid"):
+        fig = Figure(figsize=(width, height), layout="constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs)
+    return fig, axes
+
+
+def save_figure(fig: Figure, out_dir: Path, stem: str) -> tuple[Path, Path]:
+    """Save ``fig`` as ``stem``.png and ``stem``.svg in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png, svg = out_dir / f"{stem}.png", out_dir / f"{stem}.svg"
+    fig.savefig(png, dpi=PNG_DPI)
+    fig.savefig(svg)
+    return png, svg
+
+
+def _algo_label(run: Run) -> str:
+    """Algorithm name, with "+DASO" when DASO refines its pseudo-labels."""
+    algo = str(run.cfg("algorithm.name", "?"))
+    pseudo = str(run.cfg("pseudo.name", "none"))
+    return algo if pseudo in ("none", "None") else f"{algo}+{pseudo.upper()}"
+
+
+def run_labels(runs: Sequence[Run]) -> list[str]:
+    """Short unique labels: the algorithm plus whichever settings differ between runs."""
+    labels = [_algo_label(r) for r in runs]
+    for key, prefix in LABEL_KEYS[2:]:
+        values = [r.cfg(key) for r in runs]
+        if len({str(v) for v in values}) > 1:
+            labels = [f"{lab} {prefix}{short_value(v)}" for lab, v in zip(labels, values)]
+    if len(set(labels)) < len(labels):
+        labels = [f"{lab} [{r.path.name}]" for lab, r in zip(labels, runs)]
+    if len(set(labels)) < len(labels):
+        labels = [f"{lab} #{i}" for i, lab in enumerate(labels)]
+    return labels
+
+
+def class_order(run: Run) -> list[int]:
+    """Class indices from head to tail (most labeled images first; index order on ties)."""
+    counts = run.labeled_counts
+    if not counts or len(counts) != run.num_classes:
+        return list(range(run.num_classes))
+    return sorted(range(len(counts)), key=lambda c: (-counts[c], c))
+
+
+def class_tick_labels(run: Run, order: Sequence[int]) -> list[str]:
+    """Tick labels "name\\n(labeled count)" in ``order``."""
+    names, counts = run.class_names, run.labeled_counts
+    if not counts or len(counts) != len(names):
+        return [names[c] for c in order]
+    return [f"{names[c]}\n({counts[c]})" for c in order]
+
+
+def pseudo_kind(run: Run) -> str | None:
+    """The pseudo-label kind to show: "final" if logged, else "linear", else None."""
+    kinds = set(run.per_class.loc[run.per_class["source"] == "pseudo", "kind"])
+    return next((k for k in ("final", "linear") if k in kinds), None)
+
+
+def per_class_at(run: Run, source: str, kind: str, subset: str = "all",
+                 step: int | None = None) -> pd.DataFrame:
+    """Wide per-class metrics (index class) at ``step`` (default: the last one logged)."""
+    df = run.per_class
+    df = df[(df["source"] == source) & (df["kind"] == kind) & (df["subset"] == subset)]
+    if df.empty:
+        return pd.DataFrame()
+    df = df[df["step"] == (df["step"].max() if step is None else step)]
+    return df.pivot_table(index="class", columns="metric", values="value", aggfunc="last")
+
+
+def _last_step(run: Run, source: str, kind: str | None) -> int | None:
+    """Last step with per-class rows of ``source``/``kind``."""
+    df = run.per_class
+    steps = df.loc[(df["source"] == source) & (df["kind"] == kind), "step"]
+    return int(steps.max()) if len(steps) else None
+
+
+def _bar_frame(runs, labels, source, kinds) -> pd.DataFrame:
+    """Long frame (class position, run, metric, value) of the last per-class rows per run."""
+    steps = [_last_step(r, source, k) for r, k in zip(runs, kinds)]
+    if len({s for s in steps if s is not None}) > 1:
+        labels = [f"{lab} (it. {s})" for lab, s in zip(labels, steps)]
+    if len({k for k in kinds if k}) > 1:
+        labels = [f"{lab} [{k}]" for lab, k in zip(labels, kinds)]
+    frames = []
+    for run, label, kind in zip(runs, labels, kinds):
+        wide = per_class_at(run, source, kind) if kind else pd.DataFrame()
+        if wide.empty:
+            continue
+        order = [c for c in class_order(runs[0]) if c in wide.index]
+        for metric in ("recall", "precision"):
+            frames.append(pd.DataFrame({"position": range(len(order)), "run": label,
+                                        "metric": metric,
+                                        "value": wide.loc[order, metric].to_numpy()}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _thin_ticks(ax, labels: Sequence[str]) -> None:
+    """Label at most MAX_TICKS x ticks."""
+    every = max(1, math.ceil(len(labels) / MAX_TICKS))
+    ticks = list(range(0, len(labels), every))
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([labels[i] for i in ticks], fontsize=8)
+
+
+def _move_legend_outside(fig: Figure, ax, remove: bool = False, where: str = "upper") -> None:
+    """Replace ``ax``'s legend by one figure legend outside the axes (or just drop it)."""
+    handles, names = ax.get_legend_handles_labels()
+    if ax.get_legend() is not None:
+        ax.get_legend().remove()
+    if not remove and handles:
+        fig.legend(handles, names, loc=f"outside {where} center", ncols=min(4, len(names)),
+                   fontsize=9, frameon=False)
+
+
+def plot_per_class_bars(runs: Sequence[Run], labels: Sequence[str], source: str,
+                        out_dir: Path, stem: str) -> FigureFile | None:
+    """Recall (top) and precision (bottom) per class, head to tail, one hue per run."""
+    if source == "pseudo":
+        kinds = [pseudo_kind(r) for r in runs]
+        used = {k for k in kinds if k}
+        title = f"Pseudo-labels ({used.pop()})" if len(used) == 1 else "Pseudo-labels"
+    else:
+        kinds, title = ["prediction"] * len(runs), f"{source.capitalize()} predictions"
+    data = _bar_frame(runs, labels, source, kinds)
+    if data.empty:
+        return None
+    k = int(data["position"].max()) + 1
+    fig, axes = _figure(min(24.0, max(7.0, 0.45 * k * max(1, len(runs)) ** 0.5 + 2)), 6.4, 2)
+    ticks = class_tick_labels(runs[0], class_order(runs[0]))[:k]
+    for ax, metric in zip(axes[:, 0], ("recall", "precision")):
+        sns.barplot(data=data[data["metric"] == metric], x="position", y="value", hue="run",
+                    hue_order=list(pd.unique(data["run"])),
+                    errorbar=None, palette="colorblind", ax=ax)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel(metric.capitalize())
+        ax.set_xlabel("class (labeled count), head \u2192 tail")
+        _thin_ticks(ax, ticks)
+        _move_legend_outside(fig, ax, remove=metric == "recall", where="lower")
+    fig.suptitle(f"{title}: per-class recall and precision at the last evaluation")
+    return FigureFile(f"{title}: per-class recall and precision",
+                      *save_figure(fig, out_dir, stem))
+
+
+def _recall_grid(df: pd.DataFrame, kind: str | None) -> pd.DataFrame:
+    """Class x step recall of ``kind`` pseudo-labels; NaN where a class had no samples."""
+    df = df[(df["source"] == "pseudo") & (df["kind"] == kind) & (df["subset"] == "all")]
+    if df.empty:
+        return pd.DataFrame()
+    grid = {m: df[df["metric"] == m].pivot_table(index="class", columns="step", values="value",
+                                                 aggfunc="last") for m in ("recall", "support")}
+    return grid["recall"].where(grid["support"].reindex_like(grid["recall"]) > 0)
+
+
+def plot_pseudo_heatmap(run: Run, label: str, out_dir: Path, stem: str) -> FigureFile | None:
+    """Class x step heatmap of pseudo-label recall over training."""
+    kind = pseudo_kind(run)
+    grid = _recall_grid(run.per_class, kind)
+    if grid.empty:
+        return None
+    order = [c for c in class_order(run) if c in grid.index]
+    grid = grid.loc[order]
+    grid.index = [t.replace("\n", " ") for t in class_tick_labels(run, order)]
+    fig, axes = _figure(min(16.0, max(6.0, 3 + 0.12 * grid.shape[1])),
+                        min(14.0, max(3.5, 1.5 + 0.3 * grid.shape[0])))
+    axes[0, 0].set_facecolor("#dddddd")  # classes without samples in an interval
+    sns.heatmap(grid, vmin=0, vmax=1, cmap="viridis", ax=axes[0, 0],
+                cbar_kws={"label": "recall"}, xticklabels="auto", yticklabels="auto")
+    axes[0, 0].set_xlabel("iteration")
+    axes[0, 0].set_ylabel("class (labeled count)")
+    title = f"{label}: recall of {kind} pseudo-labels over training"
+    axes[0, 0].set_title(title, fontsize=10)
+    return FigureFile(title, *save_figure(fig, out_dir, stem))
+
+
+def plot_confusion(run: Run, label: str, out_dir: Path, stem: str) -> FigureFile | None:
+    """Row-normalised test confusion matrix of the last evaluation (confusion_test.npy)."""
+    cm = run.confusion_test
+    if cm is None or cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.sum() == 0:
+        return None
+    k = cm.shape[0]
+    order = class_order(run) if run.num_classes == k else list(range(k))
+    names = run.class_names if run.num_classes == k else [str(i) for i in range(k)]
+    ticks = [names[c] for c in order]
+    cm = cm[np.ix_(order, order)].astype(float)
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    size = min(14.0, max(5.0, 0.45 * k + 2))
+    fig, axes = _figure(size + 1, size)
+    sns.heatmap(norm, vmin=0, vmax=1, cmap="Blues", square=True, ax=axes[0, 0],
+                annot=k <= 12, fmt=".2f", annot_kws={"fontsize": 7},
+                xticklabels=ticks if k <= MAX_TICKS else "auto",
+                yticklabels=ticks if k <= MAX_TICKS else "auto",
+                cbar_kws={"label": "fraction of true class"})
+    axes[0, 0].set_xlabel("predicted class")
+    axes[0, 0].set_ylabel("true class (head \u2192 tail)")
+    title = f"{label}: test confusion matrix (last evaluation, rows normalised)"
+    axes[0, 0].set_title(title, fontsize=10)
+    return FigureFile(title, *save_figure(fig, out_dir, stem))
+
+
+def _accuracy_frame(runs: Sequence[Run], labels: Sequence[str]) -> pd.DataFrame:
+    """Long frame (step, run, split, metric, value) of valid/test top1 and balanced acc."""
+    frames = []
+    for run, label in zip(runs, labels):
+        for split in ("test", "valid"):
+            for metric in ("top1", "balanced_acc"):
+                s = run.split_series(split, metric)
+                if len(s):
+                    frames.append(pd.DataFrame({"step": s.index, "value": 100 * s.to_numpy(),
+                                                "run": label, "split": split,
+                                                "metric": metric}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def plot_accuracy(runs: Sequence[Run], labels: Sequence[str], out_dir: Path,
+                  stem: str) -> FigureFile | None:
+    """Top-1 and balanced accuracy (%) over iterations; hue = run, style = split."""
+    data = _accuracy_frame(runs, labels)
+    if data.empty:
+        return None
+    fig, axes = _figure(12, 4.2, 1, 2)
+    hue_order = [lab for lab in labels if lab in set(data["run"])]
+    splits = [s for s in ("test", "valid") if s in set(data["split"])]
+    for ax, metric in zip(axes[0], ("top1", "balanced_acc")):
+        part = data[data["metric"] == metric]
+        if part.empty:
+            continue
+        sns.lineplot(data=part, x="step", y="value", hue="run", hue_order=hue_order,
+                     style="split" if len(splits) > 1 else None, style_order=splits,
+                     palette="colorblind", marker="o" if part["step"].nunique() < 30 else None,
+                     ax=ax)
+        name = "top-1 accuracy" if metric == "top1" else "balanced accuracy"
+        ax.set_title(name if len(splits) > 1 else f"{name} ({splits[0]})")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("%")
+        _move_legend_outside(fig, ax, remove=metric == "balanced_acc")
+    return FigureFile("Accuracy over iterations", *save_figure(fig, out_dir, stem))
+
+
+def make_figures(runs: Sequence[Run], out_dir: str | os.PathLike,
+                 labels: Sequence[str] | None = None) -> list[FigureFile]:
+    """All figures for ``runs`` (skipping those without data) saved in ``out_dir``."""
+    out = Path(out_dir)
+    labels = list(labels) if labels is not None else run_labels(runs)
+    figs = [plot_accuracy(runs, labels, out, "accuracy"),
+            plot_per_class_bars(runs, labels, "test", out, "per_class_test"),
+            plot_per_class_bars(runs, labels, "pseudo", out, "per_class_pseudo")]
+    for i, (run, label) in enumerate(zip(runs, labels)):
+        for fig in (plot_pseudo_heatmap(run, label, out, f"run{i}_pseudo_recall_heatmap"),
+                    plot_confusion(run, label, out, f"run{i}_confusion_test")):
+            if fig is not None:
+                fig.run = i
+                figs.append(fig)
+    return [f for f in figs if f is not None]
+
+
+def make_plots(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:
+    """Read the run folders and save every figure as PNG and SVG; returns the files."""
+    runs = [read_run(d) for d in run_dirs]
+    return [p for f in make_figures(runs, out_dir) for p in (f.png, f.svg)]

@@ -1,0 +1,346 @@
+"""One-file HTML report (figures embedded) and its Markdown twin for one or several runs.
+
+``build_report(run_dirs, out)`` writes ``out.html``, ``out.md`` and the figures (PNG + SVG)
+in ``out_files/``; ``report_main`` is the ``imbssl report RUN [RUN ...] [--out PATH]`` CLI.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+
+from imbssl.diagnostics.logfile import Run, finite, is_run_dir, read_run, short_value
+from imbssl.diagnostics.plots import (
+    FigureFile,
+    class_order,
+    make_figures,
+    per_class_at,
+    pseudo_kind,
+    run_labels,
+)
+
+DASH = "\u2013"
+CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #222;
+       max-width: 1180px; margin: 24px auto; padding: 0 16px; line-height: 1.4; }
+h1 { border-bottom: 2px solid #345; padding-bottom: 4px; }
+h2 { margin-top: 2em; border-bottom: 1px solid #ccc; padding-bottom: 2px; }
+table { border-collapse: collapse; margin: 8px 0 16px; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; }
+th { background: #eef2f6; text-align: center; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr:nth-child(even) td { background: #fafbfc; }
+figure { margin: 12px 0 24px; }
+figure img { max-width: 100%; border: 1px solid #e3e3e3; }
+figcaption { font-size: 13px; color: #555; }
+.note { color: #666; font-size: 13px; max-width: 640px; }
+.figrow { display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }
+.figrow figure { flex: 1 1 45%; margin: 0 0 16px; }
+.row { display: flex; flex-wrap: wrap; gap: 32px; align-items: flex-start; }
+.status-finished { color: #1a7f37; } .status-running { color: #9a6700; }
+.status-stopped, .status-incomplete { color: #cf222e; }
+"""
+
+
+@dataclass
+class Table:
+    """A table block: header cells and rows of text cells."""
+
+    headers: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+
+
+@dataclass
+class Block:
+    """One element of the report: heading, paragraph, table or figure."""
+
+    kind: str  # h1 | h2 | h3 | p | table | row (tables side by side) | figure | figrow
+    content: str | Table | list[Table] | FigureFile | list[FigureFile]
+
+
+def pct(value) -> str:
+    """A fraction as a percentage with 2 decimals, or a dash."""
+    return f"{100 * float(value):.2f}" if finite(value) else DASH
+
+
+def num(value, digits: int = 3) -> str:
+    """A number with ``digits`` decimals (integers without), or a dash."""
+    if not finite(value):
+        return DASH
+    value = float(value)
+    return str(int(value)) if value.is_integer() else f"{value:.{digits}f}"
+
+
+def settings(run: Run) -> dict[str, str]:
+    """The run's settings as display strings."""
+    keys = {"algorithm": "algorithm.name", "pseudo": "pseudo.name", "dataset": "dataset.name",
+            "N1": "dataset.n1", "M1": "dataset.m1", "gamma_l": "dataset.gamma_l",
+            "gamma_u": "dataset.gamma_u", "reversed unlabeled": "dataset.reverse_unlabeled",
+            "seed": "seed", "iterations": "trainer.iterations"}
+    out = {name: short_value(run.cfg(key, DASH)) for name, key in keys.items()}
+    out["status"] = run.status
+    out["last step"] = str(run.last_step)
+    out["test evaluations"] = str(run.num_evals("test"))
+    for key in ("git_commit", "device", "torch", "start_time"):
+        if run.meta.get(key):
+            out[key.replace("_", " ")] = str(run.meta[key])
+    out["folder"] = str(run.path)
+    return out
+
+
+def comparison_table(runs: Sequence[Run], labels: Sequence[str]) -> Table:
+    """One row per run: settings, status, final and median-of-last-20 accuracies (%)."""
+    cols = ["algorithm", "pseudo", "dataset", "N1", "M1", "gamma_l", "gamma_u", "seed"]
+    headers = ["run", *cols, "status", "step / iters", "final top1", "final bal. acc",
+               "median20 top1", "median20 bal. acc"]
+    rows = []
+    for run, label in zip(runs, labels):
+        s, final = settings(run), run.final_metrics()
+        rows.append([label, *(s[c] for c in cols), run.status,
+                     f"{run.last_step} / {s['iterations']}",
+                     pct(final.get("test/top1")), pct(final.get("test/balanced_acc")),
+                     pct(run.median_last("test/top1")),
+                     pct(run.median_last("test/balanced_acc"))])
+    return Table(headers, rows, "Accuracies in %; median20 = median of the last 20 test "
+                                "evaluations (DASO protocol; fewer if fewer were run).")
+
+
+def metrics_table(run: Run) -> Table:
+    """Final (or last) value and median of the last 20 evaluations of each metric (%)."""
+    final = run.final_metrics()
+    names = list(dict.fromkeys([*final, "test/top1", "test/balanced_acc"]))
+    rows = [[name, pct(final.get(name)), pct(run.median_last(name))] for name in names]
+    for name in _pseudo_metric_names(run):
+        series = run.split_series("train", name)
+        rows.append([name, pct(series.iloc[-1]), pct(run.median_last(f"train/{name}"))])
+    source = "summary.json" if run.summary else "metrics.jsonl (no summary.json yet)"
+    return Table(["metric", "final / last", "median of last 20"], rows,
+                 f"In %; test metrics from {source}; pseudo-label metrics per logging "
+                 "interval from metrics.jsonl.")
+
+
+def _pseudo_metric_names(run: Run) -> list[str]:
+    """Logged pseudo-label accuracies (pseudo/<kind>/<subset>/acc or balanced_acc)."""
+    cols = [c for c in run.metrics.columns if str(c).startswith("pseudo/")]
+    return [c for c in cols if c.rsplit("/", 1)[-1] in ("acc", "balanced_acc")
+            and len(run.split_series("train", c))]
+
+
+def _wide(run: Run, source: str, kind: str | None, subset: str = "all") -> pd.DataFrame:
+    """Per-class metrics at the last step, or an empty frame."""
+    return per_class_at(run, source, kind, subset) if kind else pd.DataFrame()
+
+
+def per_class_table(run: Run) -> Table | None:
+    """Per class: labeled/unlabeled counts, test P/R/F1/support, pseudo-label P/R (%)."""
+    test = _wide(run, "test", "prediction")
+    kind = pseudo_kind(run)
+    pseudo, conf = _wide(run, "pseudo", kind), _wide(run, "pseudo", kind, "confident")
+    if test.empty and pseudo.empty:
+        return None
+    lab = run.labeled_counts or []
+    ulb = run.meta.get("unlabeled_counts") or []
+    rows = []
+    for c in class_order(run):
+        rows.append([run.class_names[c], _at(lab, c), _at(ulb, c),
+                     *(_get(test, c, m, pct) for m in ("precision", "recall", "f1")),
+                     _get(test, c, "support", num),
+                     *(_get(pseudo, c, m, pct) for m in ("precision", "recall")),
+                     *(_get(conf, c, m, pct) for m in ("precision", "recall")),
+                     _get(conf, c, "support", num)])
+    headers = ["class", "labeled", "unlabeled", "test P", "test R", "test F1", "test n",
+               "pseudo P", "pseudo R", "conf. P", "conf. R", "conf. n"]
+    caption = ("Classes head to tail (by labeled count). "
+               f"Test: step {_step(run, 'test', 'prediction')}; "
+               f"pseudo-labels ({kind or 'none logged'}): interval ending at step "
+               f"{_step(run, 'pseudo', kind)}, all and confident (mask = 1). In %; "
+               "\u2013 = undefined (class never predicted: P; no samples: R).")
+    return Table(headers, rows, caption)
+
+
+def _at(values: Sequence, i: int) -> str:
+    """values[i] as text, or a dash."""
+    return str(values[i]) if i < len(values) else DASH
+
+
+UNDEFINED_IF_ZERO = {"precision": "predicted", "recall": "support"}
+
+
+def _get(wide: pd.DataFrame, c: int, metric: str, fmt) -> str:
+    """Formatted wide.loc[c, metric]; a dash when missing or undefined (0 / 0)."""
+    if wide.empty or c not in wide.index or metric not in wide.columns:
+        return DASH
+    den = UNDEFINED_IF_ZERO.get(metric)
+    if den in wide.columns and wide.loc[c, den] == 0:
+        return DASH
+    return fmt(wide.loc[c, metric])
+
+
+def _step(run: Run, source: str, kind: str | None) -> str:
+    """Last step of the per-class rows of source/kind."""
+    df = run.per_class
+    steps = df.loc[(df["source"] == source) & (df["kind"] == kind), "step"]
+    return str(int(steps.max())) if len(steps) else DASH
+
+
+def build_blocks(runs: Sequence[Run], labels: Sequence[str],
+                 figures: Sequence[FigureFile]) -> list[Block]:
+    """The report's content, independent of the output format."""
+    when = datetime.now().strftime("%Y-%m-%d %H:%M")
+    blocks = [Block("h1", "imbssl diagnostics report"),
+              Block("p", f"{len(runs)} run(s); generated {when}."),
+              Block("h2", "Comparison"), Block("table", comparison_table(runs, labels))]
+    blocks += [Block("figure", f) for f in figures if f.run is None]
+    for i, (run, label) in enumerate(zip(runs, labels)):
+        rows = [[k, v] for k, v in settings(run).items()]
+        blocks += [Block("h2", f"Run: {label}"),
+                   Block("row", [Table(["setting", "value"], rows), metrics_table(run)])]
+        table = per_class_table(run)
+        blocks.append(Block("table", table) if table else Block("p", "No per-class rows yet."))
+        own = [f for f in figures if f.run == i]
+        if own:
+            blocks.append(Block("figrow", own))
+    return blocks
+
+
+def _is_number(text: str) -> bool:
+    """True for cells that should be right-aligned."""
+    try:
+        return math.isfinite(float(text.split(" / ")[0]))
+    except ValueError:
+        return text == DASH
+
+
+def _html_table(table: Table) -> str:
+    """A <table> with escaped cells."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in table.headers)
+    body = "".join(
+        "<tr>" + "".join(_html_cell(c) for c in row) + "</tr>" for row in table.rows)
+    caption = f'<p class="note">{html.escape(table.caption)}</p>' if table.caption else ""
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{caption}"
+
+
+def _html_cell(text: str) -> str:
+    """A <td>, right-aligned for numbers, coloured for statuses."""
+    cls = ' class="num"' if _is_number(text) else ""
+    if text in ("finished", "running", "stopped", "incomplete"):
+        cls = f' class="status-{text}"'
+    return f"<td{cls}>{html.escape(text)}</td>"
+
+
+def _html_figure(fig: FigureFile) -> str:
+    """A <figure> with the PNG embedded as base64."""
+    data = base64.b64encode(fig.png.read_bytes()).decode("ascii")
+    title = html.escape(fig.title)
+    return (f'<figure><img alt="{title}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{title}</figcaption></figure>")
+
+
+def render_html(blocks: Sequence[Block]) -> str:
+    """A self-contained HTML page (inline CSS, embedded images, no external resources)."""
+    parts = []
+    for b in blocks:
+        if b.kind == "table":
+            parts.append(_html_table(b.content))
+        elif b.kind == "row":
+            cells = "".join(f"<div>{_html_table(t)}</div>" for t in b.content)
+            parts.append(f'<div class="row">{cells}</div>')
+        elif b.kind == "figure":
+            parts.append(_html_figure(b.content))
+        elif b.kind == "figrow":
+            parts.append('<div class="figrow">' + "".join(map(_html_figure, b.content)) + "</div>")
+        else:
+            parts.append(f"<{b.kind}>{html.escape(b.content)}</{b.kind}>")
+    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            "<title>imbssl report</title>"
+            f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+def _md_escape(text: str) -> str:
+    """Escape pipes in a Markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(table: Table) -> str:
+    """A GitHub Markdown table with an optional italic caption."""
+    lines = ["| " + " | ".join(map(_md_escape, table.headers)) + " |",
+             "|" + "|".join(" --- " for _ in table.headers) + "|"]
+    lines += ["| " + " | ".join(map(_md_escape, row)) + " |" for row in table.rows]
+    return "\n".join(lines) + (f"\n\n*{table.caption}*" if table.caption else "")
+
+
+def render_markdown(blocks: Sequence[Block], base: Path) -> str:
+    """Markdown with figures as PNG links relative to ``base`` (the .md's folder)."""
+    parts = []
+    for b in blocks:
+        if b.kind == "table":
+            parts.append(_md_table(b.content))
+        elif b.kind == "row":
+            parts += [_md_table(t) for t in b.content]
+        elif b.kind in ("figure", "figrow"):
+            figs = b.content if b.kind == "figrow" else [b.content]
+            parts += [f"![{f.title}]({Path(os.path.relpath(f.png, base)).as_posix()})"
+                      for f in figs]
+        elif b.kind == "p":
+            parts.append(b.content)
+        else:
+            parts.append("#" * int(b.kind[1]) + " " + b.content)
+    return "\n\n".join(parts) + "\n"
+
+
+def _strip_suffix(path: Path) -> Path:
+    """``report.html`` / ``report.md`` -> ``report``."""
+    return path.with_suffix("") if path.suffix.lower() in (".html", ".htm", ".md") else path
+
+
+def build_report(run_dirs: Sequence[str | os.PathLike],
+                 out_path: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``out_path``.html (self-contained), ``out_path``.md and ``out_path``_files/."""
+    bad = [str(d) for d in run_dirs if not is_run_dir(d)]
+    if not run_dirs or bad:
+        raise ValueError(f"not a run folder: {bad[0] if bad else '(none given)'}")
+    runs = [read_run(d) for d in run_dirs]
+    labels = run_labels(runs)
+    out = _strip_suffix(Path(out_path))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figures = make_figures(runs, out.parent / f"{out.name}_files", labels)
+    blocks = build_blocks(runs, labels, figures)
+    html_path, md_path = out.with_name(out.name + ".html"), out.with_name(out.name + ".md")
+    html_path.write_text(render_html(blocks), encoding="utf-8")
+    md_path.write_text(render_markdown(blocks, out.parent), encoding="utf-8")
+    return html_path, md_path
+
+
+def report_main(argv: Sequence[str] | None = None) -> int:
+    """CLI: imbssl report RUN [RUN ...] [--out PATH]; prints the files written."""
+    parser = argparse.ArgumentParser(
+        prog="imbssl report",
+        description="Build an HTML + Markdown diagnostics report of one or several runs.")
+    parser.add_argument("runs", nargs="+", type=Path, help="run folder(s)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output path without suffix (default: RUN/report for one run, "
+                             "./report for several)")
+    args = parser.parse_args(argv)
+    bad = [r for r in args.runs if not is_run_dir(r)]
+    if bad:
+        print(f"imbssl report: not a run folder (no config.yaml, metrics.jsonl or meta.json): "
+              f"{bad[0]}", file=sys.stderr)
+        return 2
+    out = args.out or (args.runs[0] / "report" if len(args.runs) == 1 else Path("report"))
+    for path in build_report(args.runs, out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(report_main())

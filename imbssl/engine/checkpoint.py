@@ -1,0 +1,66 @@
+"""Atomic checkpoints: write to a temporary file, flush + fsync, rename; keep the last few.
+Everything saved loads with ``torch.load(weights_only=True)`` (tensors and plain containers)."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from imbssl.errors import UserError
+
+_NAME = re.compile(r"^ckpt_(\d+)\.pt$")
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """torch.save to ``path`` so that a reader never sees a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
+    return ckpt_dir / f"ckpt_{step:08d}.pt"
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def save_checkpoint(state: dict, ckpt_dir: Path, step: int, keep: int) -> Path:
+    """Write ``state`` as the checkpoint of ``step`` and delete all but the last ``keep``."""
+    path = checkpoint_path(ckpt_dir, step)
+    save_atomic(state, path)
+    for _, old in list_checkpoints(ckpt_dir)[:-max(keep, 1)]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint safely; a corrupt or foreign file is a one-line ``UserError``."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
+        raise UserError(f"checkpoint {path} cannot be read ({type(exc).__name__}); "
+                        "point to another checkpoint or start afresh with overwrite=true") from None
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    found = list_checkpoints(ckpt_dir)
+    return found[-1][1] if found else None

@@ -1,0 +1,36 @@
+"""``imbssl eval ckpt=PATH``: the EMA model of a checkpoint on the test set."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from imbssl.errors import UserError
+
+
+def evaluate_checkpoint(ckpt: Path, overrides: list[str]) -> dict:
+    """Rebuild the run from its saved config, load the checkpoint, evaluate and print."""
+    from imbssl.diagnostics.metrics import confusion_to_metrics, format_per_class_table
+    from imbssl.engine.checkpoint import load_checkpoint
+    from imbssl.engine.evaluate import confusion_matrix
+    from imbssl.engine.trainer import Trainer, check_compatible
+
+    run_dir = ckpt.resolve().parent.parent
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise UserError(f"{cfg_path} not found: ckpt must lie in RUN/checkpoints/ of a run folder")
+    cfg = OmegaConf.merge(OmegaConf.load(cfg_path), OmegaConf.from_dotlist(overrides))
+    state = load_checkpoint(ckpt)
+    trainer = Trainer(cfg, run_dir)
+    check_compatible(state, trainer.data.num_classes, trainer.mcfg.name)
+    trainer.ema.load_state_dict(state["ema"])
+    test = trainer.data.test
+    conf = confusion_matrix(trainer.ema.model.to(trainer.device), test.images, test.labels,
+                            lambda x: trainer._prepare(trainer.data.augmenter.normalize(x)),
+                            trainer.data.num_classes, trainer.tcfg.eval_batch_size,
+                            trainer.autocast).cpu().numpy()
+    metrics = confusion_to_metrics(conf)
+    print(format_per_class_table(metrics, trainer.data.class_names, trainer.data.labeled_counts))
+    print(f"checkpoint step {state['step']}: test top-1 {metrics['top1'] * 100:.2f}%, "
+          f"balanced accuracy {metrics['balanced_acc'] * 100:.2f}%")
+    return metrics

@@ -1,0 +1,28 @@
+"""A small CNN for 8x8 images (scikit-learn digits): fast enough for the CPU quickstart."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from imbssl.models.base import ModelOutput
+
+
+class SmallCNN(nn.Module):
+    """conv(32)-conv(64)-pool-conv(feat_dim)-global pool -> features -> linear."""
+
+    def __init__(self, num_classes: int, in_channels: int = 1, feat_dim: int = 64,
+                 width: int = 32):
+        super().__init__()
+
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(c_out, momentum=0.01), nn.LeakyReLU(0.1)]
+
+        self.body = nn.Sequential(*block(in_channels, width), *block(width, 2 * width),
+                                  nn.MaxPool2d(2), *block(2 * width, feat_dim))
+        self.fc = nn.Linear(feat_dim, num_classes)
+        self.feat_dim, self.num_classes = feat_dim, num_classes
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        feats = torch.flatten(nn.functional.adaptive_avg_pool2d(self.body(x), 1), 1)
+        return ModelOutput(self.fc(feats), feats)

@@ -1,0 +1,53 @@
+"""Pseudo-label refiners: components that sit between an algorithm's linear prediction on
+the unlabeled weak view and the pseudo-label it trains on (DASO is one), plus any extra loss
+they bring. Algorithms call the hooks below; ``IdentityRefiner`` makes every hook a no-op,
+so an algorithm is the same code with or without DASO.
+
+Call order inside ``Algorithm.step`` (where the algorithm has these quantities):
+  1. ``algo.feed_refiner(batch, state)``: EMA-model features of the labeled batch
+     -> ``update_labeled(features, labels)``
+  2. ``refine(probs, features_weak, step)`` -> refined probabilities (B, K); ``probs`` are the
+     linear (classifier) probabilities on the weak view, ``features_weak`` detached.
+  3. ``observe(final_pseudo_labels)``: the final hard pseudo-labels of this step.
+  4. ``extra_loss(features_weak, features_strong, step)`` -> (loss, logs) added to the total.
+  5. ``pseudo_logs()`` -> the ``pseudo/...`` entries of this step (see algorithms/base.py).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class IdentityRefiner(nn.Module):
+    """No refinement: pseudo-labels come from the classifier alone."""
+
+    needs_labeled_features = False
+
+    def update_labeled(self, features: Tensor, labels: Tensor) -> None:
+        pass
+
+    def refine(self, probs: Tensor, features_weak: Tensor, step: int) -> Tensor:
+        return probs
+
+    def observe(self, pseudo_labels: Tensor) -> None:
+        pass
+
+    def extra_loss(self, features_weak: Tensor, features_strong: Tensor,
+                   step: int) -> tuple[Tensor | None, dict[str, Tensor]]:
+        return None, {}
+
+    def pseudo_logs(self) -> dict[str, Tensor]:
+        return {}
+
+
+def add_extra_loss(loss: Tensor, logs: dict[str, Tensor], extra: Tensor | None,
+                   extra_logs: dict[str, Tensor]) -> Tensor:
+    """Add a refiner's extra loss (if any) to ``loss`` and its logs to ``logs``."""
+    logs.update(extra_logs)
+    return loss if extra is None else loss + extra
+
+
+def hard_labels(probs: Tensor) -> tuple[Tensor, Tensor]:
+    """(max probability, argmax) of a (B, K) probability tensor."""
+    conf, labels = torch.max(probs, dim=-1)
+    return conf, labels

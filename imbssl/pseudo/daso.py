@@ -1,0 +1,284 @@
+"""DASO: Distribution-Aware Semantics-Oriented pseudo-labels (Oh et al., CVPR 2022).
+
+DASO refines the pseudo-label an SSL algorithm derives from its linear classifier:
+
+* **Balanced prototypes.** One FIFO queue per class, all of the same size ``queue_size``, fed
+  every step with the EMA model's features of the labeled batch. A class prototype is the
+  mean of its queue.
+* **Semantic pseudo-label.** ``q = softmax(cos(z, prototypes) / T_proto)`` for the online
+  model's features ``z`` of the weak view of the *current* unlabeled batch.
+* **Distribution-aware blending.** ``p' = (1 - v[k]) * p + v[k] * q`` with ``k = argmax p`` (the
+  linear prediction) and ``v = m_hat ** (1 / T_dist) / max(m_hat ** (1 / T_dist))``, where
+  ``m_hat`` is the class histogram of the final pseudo-labels (all of them, no confidence
+  filter), recomputed every ``dist_window`` steps. Classes the model over-predicts get the
+  largest share of the (less biased) semantic pseudo-label.
+* **Semantic alignment loss.** Cross-entropy between the weak view's semantic probabilities
+  (target, no gradient) and the strong view's, averaged over all unlabeled images.
+
+The confidence threshold of the host algorithm (FixMatch's 0.95) is applied by the algorithm
+to the *blended* probabilities ``p'``: the final pseudo-label and its confidence are
+``max(p')``, not the linear ones.
+
+Facts taken from the official implementation (github.com/ytaek-oh/daso):
+
+* Features are *not* L2-normalised before they are queued (``lib/models/daso_model.py``
+  enqueues the raw EMA-encoder features; ``lib/models/feature_queue.py`` stores them as they
+  come and takes the plain mean). Normalisation happens only inside the cosine similarity.
+* Prototypes start at zero (``feature_queue.py``: ``self.prototypes = torch.zeros(...)``) and
+  a class's prototype is only set once the class has been queued; the cosine with a zero
+  prototype is 0 (``nn.CosineSimilarity`` clamps the norm product). This module does the
+  same: a class with an empty queue has a zero prototype, hence semantic logit 0.
+* The queue of the current labeled batch is updated *before* the prototypes are used in the
+  same step (``daso_model.py: forward_train``); the engine calls ``update_labeled`` before
+  ``refine`` for the same reason.
+* ``m_hat``: every final pseudo-label is pushed (``dist_logger.push_pl_list``) and every
+  ``PL_DIST_UPDATE_PERIOD = 100`` iterations (``lib/config/defaults.py``; the update in
+  ``lib/algorithm/daso.py`` runs when ``(iter + 1) % period == 0``) the histogram of the
+  pushed labels replaces the distribution and the list is cleared
+  (``lib/utils/dist_logger.py: update_pl_dist``). Blending in a step uses the distribution
+  from *before* that step's labels are pushed. The official distribution starts as all-zero
+  (``get_pl_dist`` would divide 0 by 0), which never matters there because warm-up (5000)
+  outlasts the first update (100); here ``m_hat`` starts uniform.
+* Warm-up: ``lib/algorithm/daso.py`` sets ``pretraining = False`` *after* iteration ``iter``
+  when ``iter + 1 >= PRETRAIN_STEPS`` (iterations counted from 0), so iteration ``i`` blends
+  iff ``i >= PRETRAIN_STEPS``. ``active(step)`` is ``step >= warmup_iters`` with the
+  trainer's 0-based step, which is the same for ``warmup_iters >= 1`` (the official flag
+  starts ``True``, so with ``PRETRAIN_STEPS = 0`` it would still skip iteration 0; here
+  ``warmup_iters = 0`` means active from step 0).
+* The alignment loss is ``-sum(q_w * log_softmax(sim_strong / T_proto)) / B`` weighted by
+  ``PSA_LOSS_WEIGHT = 1.0``; ``q_w`` is computed without gradient.
+
+Unlike the official code, all state lives in buffers, so a checkpoint resumes exactly
+(queues, write pointers, ``m_hat``, the half-filled window and the step counter).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from imbssl.pseudo.base import IdentityRefiner
+
+
+@dataclass
+class DASOConfig:
+    """Hydra schema of ``pseudo=daso`` (registered as ``pseudo/daso_schema``)."""
+
+    name: str = "daso"
+    queue_size: int = 256          # per-class queue length (balanced prototypes)
+    proto_temperature: float = 0.05  # T_proto of the semantic pseudo-label
+    dist_temperature: float = 1.5  # T_dist: 1.5 for CIFAR-10 with gamma_l = gamma_u, else 0.3
+    warmup_iters: int = 5000       # no blending / alignment loss before this step
+    dist_window: int = 100         # m_hat recomputed every this many observe() calls
+    align_weight: float = 1.0      # weight of the semantic alignment loss (applied in extra_loss)
+    blend: bool = True             # False forces the blend weights v to zero
+
+
+class DASO(IdentityRefiner):
+    """DASO pseudo-label refiner; see the module docstring.
+
+    ``align_weight`` is applied by the refiner hook ``extra_loss``; ``alignment_loss``
+    returns the unweighted loss. ``blend=False`` makes every blend weight zero, so ``blend``
+    and ``refine`` return the linear probabilities unchanged.
+    """
+
+    needs_labeled_features = True
+
+    def __init__(self, num_classes: int, feat_dim: int, queue_size: int = 256,
+                 proto_temperature: float = 0.05, dist_temperature: float = 1.5,
+                 warmup_iters: int = 5000, dist_window: int = 100, *,
+                 align_weight: float = 1.0, blend: bool = True):
+        super().__init__()
+        _check(num_classes >= 1, "num_classes", num_classes, ">= 1")
+        _check(feat_dim >= 1, "feat_dim", feat_dim, ">= 1")
+        _check(queue_size >= 1, "queue_size", queue_size, ">= 1")
+        _check(proto_temperature > 0, "proto_temperature", proto_temperature, "> 0")
+        _check(dist_temperature > 0, "dist_temperature", dist_temperature, "> 0")
+        _check(warmup_iters >= 0, "warmup_iters", warmup_iters, ">= 0")
+        _check(dist_window >= 1, "dist_window", dist_window, ">= 1")
+        _check(align_weight >= 0, "align_weight", align_weight, ">= 0")
+
+        self.num_classes = int(num_classes)
+        self.feat_dim = int(feat_dim)
+        self.queue_size = int(queue_size)
+        self.proto_temperature = float(proto_temperature)
+        self.dist_temperature = float(dist_temperature)
+        self.warmup_iters = int(warmup_iters)
+        self.dist_window = int(dist_window)
+        self.align_weight = float(align_weight)
+        self.use_blend = bool(blend)
+
+        k, q = self.num_classes, self.queue_size
+        # circular per-class queues; unfilled slots stay zero
+        self.register_buffer("queue", torch.zeros(k, q, self.feat_dim))
+        self.register_buffer("queue_len", torch.zeros(k, dtype=torch.long))  # filled slots
+        self.register_buffer("queue_ptr", torch.zeros(k, dtype=torch.long))  # next write slot
+        # m_hat: distribution of final pseudo-labels over the last complete window
+        self.register_buffer("m_hat", torch.full((k,), 1.0 / k))
+        self.register_buffer("window_counts", torch.zeros(k, dtype=torch.long))
+        self.register_buffer("num_observed", torch.zeros((), dtype=torch.long))
+
+        # this step's labels, for pseudo_logs() (transient, not state)
+        self.last_linear: Tensor | None = None
+        self.last_semantic: Tensor | None = None
+        self.last_final: Tensor | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any, num_classes: int, feat_dim: int) -> DASO:
+        """Build from a ``DASOConfig`` (or any object / DictConfig with its fields)."""
+        values = {f.name: getattr(cfg, f.name, f.default) for f in fields(DASOConfig)}
+        if values["name"] != "daso":
+            raise ValueError(f"DASO.from_config got a config named {values['name']!r}")
+        return cls(num_classes, feat_dim, queue_size=values["queue_size"],
+                   proto_temperature=values["proto_temperature"],
+                   dist_temperature=values["dist_temperature"],
+                   warmup_iters=values["warmup_iters"], dist_window=values["dist_window"],
+                   align_weight=values["align_weight"], blend=values["blend"])
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, feat_dim={self.feat_dim}, "
+                f"queue_size={self.queue_size}, proto_temperature={self.proto_temperature}, "
+                f"dist_temperature={self.dist_temperature}, warmup_iters={self.warmup_iters}, "
+                f"dist_window={self.dist_window}, align_weight={self.align_weight}, "
+                f"blend={self.use_blend}")
+
+    # ------------------------------------------------------------------ queues / prototypes
+    @torch.no_grad()
+    def enqueue(self, features: Tensor, labels: Tensor) -> None:
+        """Push labeled features (N, D) into their class queues, oldest entries dropped.
+
+        Vectorised: each sample's rank among the batch samples of its class gives its slot
+        ``(ptr[c] + rank) % queue_size``; when a class has more than ``queue_size`` samples
+        in the batch only its last ``queue_size`` are kept (the others add an exact zero to
+        an already cleared slot, so duplicate indices are harmless). No host sync.
+        """
+        feats = features.detach().reshape(-1, self.feat_dim)
+        feats = feats.to(self.queue.device, self.queue.dtype)
+        labels = labels.detach().to(self.queue.device).long().reshape(-1)
+        k, q = self.num_classes, self.queue_size
+        onehot = (labels[:, None] == torch.arange(k, device=labels.device)[None, :]).long()
+        seen = onehot.cumsum(0)                              # (N, K) running count per class
+        n_new = onehot.sum(0)                                # (K,)  samples per class
+        rank = seen.gather(1, labels[:, None]).squeeze(1) - 1  # order within its class
+        keep = rank >= (n_new[labels] - q)                   # the last q of each class
+        slot = (self.queue_ptr[labels] + rank) % q
+        flat = self.queue.view(k * q, self.feat_dim)
+        index = labels * q + slot
+        flat.index_put_((index,), torch.zeros_like(feats))
+        flat.index_put_((index,), torch.where(keep[:, None], feats, torch.zeros_like(feats)),
+                        accumulate=True)
+        self.queue_ptr.copy_((self.queue_ptr + n_new) % q)
+        self.queue_len.copy_((self.queue_len + n_new).clamp_max(q))
+
+    @property
+    def prototypes(self) -> Tensor:
+        """(K, D) mean of each class queue over its filled slots; zero for an empty queue."""
+        denom = self.queue_len.clamp_min(1).to(self.queue.dtype)[:, None]
+        return self.queue.sum(1) / denom
+
+    def class_queue(self, c: int) -> Tensor:
+        """The queued features of class ``c``, oldest first (inspection; syncs)."""
+        n = int(self.queue_len[c])
+        start = (int(self.queue_ptr[c]) - n) % self.queue_size
+        order = (start + torch.arange(n, device=self.queue.device)) % self.queue_size
+        return self.queue[c, order]
+
+    # ------------------------------------------------------------------ semantic pseudo-label
+    def semantic_logits(self, features: Tensor) -> Tensor:
+        """cos(features, prototypes) / T_proto, (B, K); gradient flows into ``features``."""
+        protos = F.normalize(self.prototypes, dim=-1)
+        z = F.normalize(features.to(protos.dtype), dim=-1)
+        return z @ protos.t() / self.proto_temperature
+
+    def semantic_probs(self, features: Tensor) -> Tensor:
+        """Semantic pseudo-label ``softmax(cos(features, prototypes) / T_proto)``, (B, K)."""
+        return self.semantic_logits(features).softmax(dim=-1)
+
+    # ------------------------------------------------------------------ blending
+    def blend_weights(self) -> Tensor:
+        """v (K,): ``m_hat ** (1/T_dist)`` normalised by its max; zeros when blend is off."""
+        if not self.use_blend:
+            return torch.zeros_like(self.m_hat)
+        v = self.m_hat.pow(1.0 / self.dist_temperature)
+        return v / v.max().clamp_min(torch.finfo(v.dtype).tiny)
+
+    def blend(self, linear_probs: Tensor, q: Tensor) -> Tensor:
+        """``(1 - v[k]) * p + v[k] * q`` with ``k = argmax p`` per row (distribution-aware)."""
+        if not self.use_blend:
+            return linear_probs
+        w = self.blend_weights()[linear_probs.argmax(dim=-1)].unsqueeze(-1).to(q.dtype)
+        return (1.0 - w) * linear_probs + w * q
+
+    @torch.no_grad()
+    def observe(self, pseudo_labels: Tensor) -> None:
+        """Count this step's final pseudo-labels; every ``dist_window`` calls, m_hat becomes
+        the normalised histogram of the labels of those calls and the window restarts."""
+        labels = pseudo_labels.detach().to(self.window_counts.device).long().reshape(-1)
+        self.window_counts.scatter_add_(0, labels, torch.ones_like(labels))
+        self.num_observed.add_(1)
+        total = self.window_counts.sum()
+        update = (self.num_observed % self.dist_window == 0) & (total > 0)
+        new = self.window_counts.to(self.m_hat.dtype) / total.clamp_min(1).to(self.m_hat.dtype)
+        self.m_hat.copy_(torch.where(update, new, self.m_hat))
+        end_of_window = self.num_observed % self.dist_window == 0
+        self.window_counts.masked_fill_(end_of_window, 0)
+
+    # ------------------------------------------------------------------ alignment loss
+    def alignment_loss(self, features_weak: Tensor, features_strong: Tensor) -> Tensor:
+        """Unweighted semantic alignment loss: ``mean_b H(q_weak, q_strong)``; the weak
+        target carries no gradient, the gradient flows into ``features_strong``."""
+        with torch.no_grad():
+            target = self.semantic_probs(features_weak.detach())
+        log_q_strong = F.log_softmax(self.semantic_logits(features_strong), dim=-1)
+        per_image = -(target * log_q_strong).sum(dim=-1)
+        if per_image.numel() == 0:
+            return per_image.sum()
+        return per_image.mean()
+
+    def active(self, step: int) -> bool:
+        """False during the warm-up iterations (0-based ``step < warmup_iters``)."""
+        return step >= self.warmup_iters
+
+    # ------------------------------------------------------------------ refiner hooks
+    def update_labeled(self, features: Tensor, labels: Tensor) -> None:
+        self.enqueue(features, labels)
+
+    @torch.no_grad()
+    def refine(self, probs: Tensor, features_weak: Tensor, step: int) -> Tensor:
+        """Blend the linear probabilities with this batch's semantic pseudo-label once
+        ``active(step)``; before that return ``probs`` unchanged. The semantic label is
+        always computed for the logs (-1 while every queue is empty)."""
+        q = self.semantic_probs(features_weak.detach())
+        any_queued = (self.queue_len > 0).any()
+        self.last_linear = probs.argmax(dim=-1)
+        self.last_semantic = torch.where(any_queued, q.argmax(dim=-1),
+                                         torch.full_like(self.last_linear, -1))
+        refined = self.blend(probs, q) if self.active(step) else probs
+        self.last_final = refined.argmax(dim=-1)
+        return refined
+
+    def extra_loss(self, features_weak: Tensor, features_strong: Tensor,
+                   step: int) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """``align_weight * alignment_loss`` once active; ``(None, {})`` during warm-up or
+        when ``align_weight == 0``. The log holds the weighted value."""
+        if not self.active(step) or self.align_weight == 0.0:
+            return None, {}
+        loss = self.align_weight * self.alignment_loss(features_weak, features_strong)
+        return loss, {"loss/daso_align": loss.detach()}
+
+    def pseudo_logs(self) -> dict[str, Tensor]:
+        """``pseudo/semantic`` of the last ``refine`` (the algorithm logs linear/final/mask)."""
+        if self.last_semantic is None:
+            return {}
+        return {"pseudo/semantic": self.last_semantic}
+
+
+def _check(ok: bool, name: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"DASO: {name} must be {rule}, got {value!r}")
+
+
+__all__ = ["DASO", "DASOConfig"]
