@@ -68,13 +68,16 @@ def build_data(cfg: Any, device: torch.device | str = "cpu") -> DataBundle:
     src = load_source(name, _resolve_root(str(get("root"))), bool(get("download")))
     k = src.num_classes
     has_extra = src.extra_unlabeled_images is not None
-    split = make_longtail_split(
-        src.train_labels, int(get("n1")), float(get("gamma_l")),
-        0 if has_extra else int(get("m1")), 1.0 if has_extra else float(get("gamma_u")),
-        reverse_unlabeled=bool(get("reverse_unlabeled")),
-        num_valid_per_class=int(get("num_valid_per_class")), seed=int(get("seed")),
-        num_classes=k,
-    )
+    try:
+        split = make_longtail_split(
+            src.train_labels, int(get("n1")), float(get("gamma_l")),
+            0 if has_extra else int(get("m1")), 1.0 if has_extra else float(get("gamma_u")),
+            reverse_unlabeled=bool(get("reverse_unlabeled")),
+            num_valid_per_class=int(get("num_valid_per_class")), seed=int(get("seed")),
+            num_classes=k,
+        )
+    except ValueError as exc:  # impossible split settings are a config mistake
+        raise DataError(f"dataset {name}: {exc}") from None
     counts = split_counts(src.train_labels, split, k)
 
     def part(idx: np.ndarray) -> TensorSet:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from imbssl.errors import UserError
+
 # Per-dataset channel mean/std in [0, 1] units.
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     # FixMatch / DASO values.
@@ -32,7 +34,7 @@ CACHE_NAME = ".imbssl_cache.npz"
 DIGITS_TEST_PER_CLASS = 50
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A dataset is missing, incomplete or unreadable; the message says what to do."""
 
 

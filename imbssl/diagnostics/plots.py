@@ -5,6 +5,7 @@ touched; rendering uses Agg) and each is saved as PNG and SVG.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -17,6 +18,8 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from imbssl.diagnostics.logfile import Run, read_run, short_value
+
+logging.getLogger("matplotlib").setLevel(logging.WARNING)  # no INFO chatter under Hydra
 
 PNG_DPI = 110
 MAX_TICKS = 30

@@ -44,6 +44,7 @@ class TrainerConfig:
     compile: bool = False
     progress: bool = True
     tensorboard: bool = True
+    report: bool = True  # plots + HTML/Markdown report in the run folder at the end
     deterministic: bool = False
 
 

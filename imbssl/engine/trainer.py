@@ -13,7 +13,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
@@ -214,17 +213,26 @@ class Trainer:
                 self.train_step()
                 progress.update(1)
                 self._periodic(progress)
-        except NonFiniteLossError:
+            if self._last_test is None or self._last_test.get("step") != self.step_count:
+                self.evaluate()
+        except BaseException:
             self.log.write_summary(self.summary("stopped"))
             raise
         finally:
             progress.close()
-        if self._last_test is None or self._last_test.get("step") != self.step_count:
-            self.evaluate()
         summary = self.summary("finished")
         self.log.write_summary(summary)
         self._print_final()
+        if self.tcfg.report:
+            self.write_report()
         return summary
+
+    def write_report(self) -> None:
+        """Plots + HTML/Markdown report of this run (also: ``imbssl report RUN``)."""
+        from imbssl.diagnostics.report import build_report
+
+        html, md = build_report([self.run_dir], self.run_dir / "report")
+        print(f"report: {html} (and {md.name})")
 
     def _periodic(self, progress) -> None:
         step, t = self.step_count, self.tcfg
@@ -266,10 +274,12 @@ class Trainer:
                 self.eval_history.setdefault(f"{split}/{key}", []).append(row[key])
             results[split] = {**row, "metrics": metrics}
             if split == "test":
-                np.save(self.run_dir / "confusion_test.npy", conf)
+                self.log.write_confusion(conf)
         pseudo_rows = self.tracker.flush(step, names)
         if pseudo_rows:
             self.log.append_per_class(pseudo_rows)
+            self.log.append_metrics({"step": step, "split": "pseudo",
+                                     **self.tracker.last_summary})
         self._last_test = results["test"]
         self.log.write_summary(self.summary("running"))
         return results
