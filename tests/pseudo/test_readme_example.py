@@ -1,8 +1,4 @@
-"""Run the README's DASO plug-in example (section "## DASO in your own training loop").
-
-Until README.md has that section, the example is taken from docs/daso_plugin.md (the text
-that will be pasted there), so this test always runs an example and never skips.
-"""
+"""Run the README's DASO plug-in example (section "## DASO in your own training loop")."""
 from __future__ import annotations
 
 import re
@@ -31,16 +27,11 @@ def _section(text: str, heading: str) -> str | None:
 
 def example_source() -> tuple[str, str]:
     readme = ROOT / "README.md"
-    if readme.exists():
-        section = _section(readme.read_text(encoding="utf-8"), HEADING)
-        if section is not None:
-            match = PYTHON_BLOCK.search(section)
-            assert match, f"README section {HEADING!r} has no ```python block"
-            return match.group(1), str(readme)
-    doc = ROOT / "docs" / "daso_plugin.md"
-    match = PYTHON_BLOCK.search(doc.read_text(encoding="utf-8"))
-    assert match, f"{doc} has no ```python block"
-    return match.group(1), str(doc)
+    section = _section(readme.read_text(encoding="utf-8"), HEADING)
+    assert section is not None, f"README.md has no section {HEADING!r}"
+    match = PYTHON_BLOCK.search(section)
+    assert match, f"README section {HEADING!r} has no ```python block"
+    return match.group(1), str(readme)
 
 
 def test_readme_daso_example_runs():
