@@ -6,9 +6,22 @@ interleave labeled/unlabeled chunks across separate forward passes only so that 
 batch-norm statistics see both kinds of data; a single concatenated pass gives BN exactly that
 (statistics of the whole mixed batch) without the swapping, so no interleaving is needed.
 
-DASO has no official MixMatch variant; here the refiner blends the guessed label after
-averaging the K=2 weak predictions and sharpening (the targets then enter MixUp), and its
-alignment loss compares the backbone features of the two weak views (view 0 as the target).
+DASO follows the official MixMatch variant (github.com/ytaek-oh/daso,
+``lib/algorithm/mixmatch.py`` with ``ALGORITHM.MIXMATCH.APPLY_DASO``):
+
+* **blending only, no semantic alignment loss.** The official variant reads
+  ``PSA_LOSS_WEIGHT`` but never adds a ``loss_assign`` term (only ``loss_cls`` and the ramped
+  ``loss_cons``); MixMatch has no strong view for the alignment loss to pull towards the weak
+  one. So ``refiner.extra_loss`` is never called here and ``pseudo.align_weight`` has no effect
+  with ``algorithm=mixmatch``.
+* **the semantic pseudo-label comes from the FIRST augmentation's features** (the online
+  model's, without gradient: ``ul_feat1 = self.model(ul_images1, return_features=True)`` under
+  ``torch.no_grad``).
+* **the blend applies to the sharpened average of the K=2 predictions**:
+  ``p = (softmax_1 + softmax_2) / 2``, ``Sharpen(p, T)``, then
+  ``(1 - v[k]) * targets + v[k] * q_semantic`` with ``k`` = argmax of the sharpened targets;
+  the blended targets enter MixUp for both weak views and their argmax is the pseudo-label
+  pushed into the m_hat histogram (every image, no confidence filter).
 """
 from __future__ import annotations
 
@@ -21,7 +34,6 @@ from torch.nn import functional as F
 from imbssl.algorithms import register
 from imbssl.algorithms.base import Algorithm, AlgorithmConfig, Batch, StepState, forward_all
 from imbssl.algorithms.ops import linear_rampup, mixup, one_hot, sharpen, soft_cross_entropy
-from imbssl.pseudo.base import IdentityRefiner, add_extra_loss
 
 
 @dataclass
@@ -44,18 +56,15 @@ class MixMatch(Algorithm):
     def step(self, batch: Batch, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
         self.feed_refiner(batch, state)
-        # the guess needs no gradient; a refiner's extra (alignment) loss needs the features'
-        needs_grad = type(self.refiner).extra_loss is not IdentityRefiner.extra_loss
-        with torch.set_grad_enabled(needs_grad):
-            (logits_1, feats_1), (logits_2, feats_2) = forward_all(state.model, *batch.x_ulb)
-
-        with torch.no_grad():
+        with torch.no_grad():  # the guess needs no gradient (official DASO: no alignment loss)
+            (logits_1, feats_1), (logits_2, _) = forward_all(state.model, *batch.x_ulb)
             # q_bar = 1/K sum_k p_model(y | u_k)  (MixMatch Eq. 6)
             avg = (torch.softmax(logits_1.detach().float(), -1)
                    + torch.softmax(logits_2.detach().float(), -1)) / 2
             linear = avg.argmax(dim=-1)
             targets_u = sharpen(avg, cfg.temperature)  # (Eq. 7)
-            targets_u = self.refiner.refine(targets_u, feats_1.detach(), state.step)
+            # DASO: semantic label of view 1's features, blended into the sharpened average
+            targets_u = self.refiner.refine(targets_u, feats_1, state.step)
             pseudo = targets_u.argmax(dim=-1)
         self.refiner.observe(pseudo)
 
@@ -73,7 +82,6 @@ class MixMatch(Algorithm):
         logs = {"loss/labeled": loss_x.detach(), "loss/unlabeled": loss_u.detach(),
                 "mixup/lambda": lam, "pseudo/linear": linear, "pseudo/final": pseudo,
                 "pseudo/mask": torch.ones_like(avg[:, 0])}
-        extra, extra_logs = self.refiner.extra_loss(feats_1, feats_2, state.step)
-        loss = add_extra_loss(loss, logs, extra, extra_logs)
+        # no refiner.extra_loss: the official DASO MixMatch has no semantic alignment loss
         logs.update(self.refiner.pseudo_logs())
         return loss, logs

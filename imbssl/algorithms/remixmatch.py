@@ -8,6 +8,18 @@ strong view 1 against the guess (lambda_U1, ramped), rotation CE on strong view 
 Forward passes: [weak, strong 1] (guess, pre-MixUp logits, refiner features), one concatenated
 pass over the mixed [labeled, weak, strong 1, strong 2] (batch norm sees all of it, so DASO's
 interleaving is unnecessary), and the rotated strong view 1.
+
+DASO placement, checked against the official ``lib/algorithm/rm_daso.py`` (ReMixMatchDASO):
+labeled EMA features are queued first; one encoder pass over [weak, strong 1] gives the
+features; the semantic pseudo-label comes from the weak features (no gradient); the classifier
+guess is softmax -> DA -> sharpen, and the blend weight is looked up at the argmax of the
+*sharpened* guess and mixes the semantic label into it; the blended targets feed the pre-MixUp
+loss, all three MixUp targets and the m_hat histogram. The alignment loss (weight
+``PSA_LOSS_WEIGHT``, not ramped) is H(q_weak, q_strong1) over the semantic similarities of
+strong view 1, the view the pre-MixUp loss uses. Note: the official ReMixMatch+DASO config
+(``configs/*/remixmatch_daso.yaml``) sets ``MODEL.DIST_ALIGN.APPLY: False``; for that
+setting pass ``algorithm.dist_align=none`` with ``pseudo=daso`` (the default here keeps the
+ReMixMatch paper's distribution alignment on).
 """
 from __future__ import annotations
 
