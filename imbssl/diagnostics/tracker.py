@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from imbssl.diagnostics.metrics import confusion_to_metrics, per_class_rows
+from imbssl.engine.distributed import all_reduce_sum
 
 PSEUDO_KINDS = ("linear", "semantic", "final")
 SUBSETS = ("all", "confident")
@@ -68,7 +69,8 @@ class PseudoLabelTracker:
         if not self._confusion:
             return {}
         keys = list(self._confusion)
-        stacked = torch.stack([self._confusion[k] for k in keys]).cpu().numpy()
+        # several processes: the sum of every process's counts (all must call this together)
+        stacked = all_reduce_sum(torch.stack([self._confusion[k] for k in keys])).cpu().numpy()
         shape = (self.num_classes, self.num_classes)
         return {k: stacked[i].reshape(shape) for i, k in enumerate(keys)}
 

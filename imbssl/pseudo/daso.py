@@ -60,6 +60,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from imbssl.engine.distributed import all_gather_cat
 from imbssl.pseudo.base import IdentityRefiner
 
 
@@ -216,7 +217,9 @@ class DASO(IdentityRefiner):
     def observe(self, pseudo_labels: Tensor) -> None:
         """Count this step's final pseudo-labels; every ``dist_window`` calls, m_hat becomes
         the normalised histogram of the labels of those calls and the window restarts."""
-        labels = pseudo_labels.detach().to(self.window_counts.device).long().reshape(-1)
+        # several processes: count every process's labels (identical m_hat everywhere)
+        labels = all_gather_cat(pseudo_labels.detach().reshape(-1))
+        labels = labels.to(self.window_counts.device).long()
         self.window_counts.scatter_add_(0, labels, torch.ones_like(labels))
         self.num_observed.add_(1)
         total = self.window_counts.sum()
@@ -244,7 +247,8 @@ class DASO(IdentityRefiner):
 
     # ------------------------------------------------------------------ refiner hooks
     def update_labeled(self, features: Tensor, labels: Tensor) -> None:
-        self.enqueue(features, labels)
+        # several processes: queue the whole global labeled batch, in rank order, everywhere
+        self.enqueue(all_gather_cat(features.detach()), all_gather_cat(labels.detach()))
 
     @torch.no_grad()
     def refine(self, probs: Tensor, features_weak: Tensor, step: int) -> Tensor:

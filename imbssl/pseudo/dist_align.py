@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from imbssl.engine.distributed import all_reduce_mean
+
 TARGETS = ("labeled", "uniform")
 
 
@@ -38,7 +40,9 @@ class DistAlign(nn.Module):
     def update(self, probs: Tensor) -> None:
         """Push the batch-mean prediction into the ring buffer."""
         slot = (self.count % self.window).view(1)
-        self.history.index_copy_(0, slot, probs.detach().float().mean(0, keepdim=True))
+        # several processes: the mean over the global batch (equal shares per process)
+        mean = all_reduce_mean(probs.detach().float().mean(0, keepdim=True))
+        self.history.index_copy_(0, slot, mean)
         self.count += 1
 
     def running_mean(self) -> Tensor:
