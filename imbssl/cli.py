@@ -1,6 +1,7 @@
 """``imbssl`` command line: train, eval, report, bench.
 
-    imbssl train [overrides...]          train (Hydra overrides; -m for sweeps)
+    imbssl train [overrides...]          train (Hydra overrides; -m for sweeps; several GPUs:
+                                         torchrun --nproc_per_node=N -m imbssl train ...)
     imbssl eval ckpt=PATH [overrides...] evaluate a checkpoint's EMA model on the test set
     imbssl report RUN [RUN ...]          HTML + Markdown report of one or several runs
     imbssl bench [options]               training-throughput benchmark
@@ -10,6 +11,7 @@ A mistake in the input (config, data, run folder) is one line on stderr and exit
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -19,7 +21,10 @@ EXIT_USER_ERROR = 2
 
 
 def fail(message: str) -> int:
-    print(f"imbssl: error: {message}", file=sys.stderr)
+    import os
+
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one process reports it
+        print(f"imbssl: error: {message}", file=sys.stderr)
     return EXIT_USER_ERROR
 
 
@@ -29,6 +34,44 @@ def one_line(exc: BaseException) -> str:
     lines = [ln for ln in lines if not ln.startswith(("full_key:", "object_type", "reference_type",
                                                       "Set the environment variable"))]
     return " ".join(lines) or type(exc).__name__
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def describe(exc: BaseException) -> str:
+    """One line that names the bad key or value and what to do, for any user error."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from imbssl.engine.config import describe_config_error
+    from imbssl.errors import UserError
+
+    if isinstance(exc, UserError):
+        return one_line(exc)
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
+        group, _, option = str(exc.missing_cfg_file).rpartition("/")
+        options = [o for o in (exc.options or []) if not o.endswith("_schema")]
+        if group and options:
+            shown = ", ".join(options[:12]) + (f", ... ({len(options)} in all, see "
+                                               f"configs/{group}/)" if len(options) > 12 else "")
+            return f"unknown {group} {option!r} ({group}={option}); choose one of {shown}"
+        return f"config {exc.missing_cfg_file!r} not found; check the name"
+    if isinstance(exc, OverrideParseException):
+        text = one_line(exc).split(" See https://")[0]
+        return f"{text}; write overrides as key=value (e.g. trainer.iterations=100)"
+    override = (re.search(r"override (\S+)", str(exc))
+                or re.search(r"use \+(\S+=\S*)", str(exc)))
+    for cause in _chain(exc):
+        if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+            text = describe_config_error(cause)
+            return f"{text} (in {override.group(1)})" if override else text
+    return one_line(exc)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -53,37 +96,47 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="config", overrides=overrides)
 
 
-def _preflight(overrides: list[str]) -> None:
-    """Compose and check the run folder before Hydra writes anything into it."""
-    from imbssl.engine.run_dir import holds_run
-
-    cfg = compose([o for o in overrides if not o.startswith("hydra.")])
-    run_dir = Path(cfg.run_dir)
-    if not cfg.resume and not cfg.overwrite and holds_run(run_dir):
-        from imbssl.errors import UserError
-
-        raise UserError(f"run_dir {run_dir} already holds a run; pass resume=true to continue "
-                        "it, overwrite=true to start afresh, or choose another run_dir")
+def _is_hydra_override(arg: str) -> bool:
+    return arg.lstrip("+~").startswith(("hydra.", "hydra/"))
 
 
-def _hydra_train(overrides: list[str], debug: bool) -> int:
+def _build(overrides: list[str]):
+    """Compose, check every value, build the trainer and check (or load, on resume) the run
+    folder, all before Hydra creates ``.hydra/`` and its log file in the run folder: a bad
+    input leaves an existing run folder exactly as it was."""
+    from imbssl.engine import distributed as ddp
+    from imbssl.engine.trainer import Trainer
+
+    cfg = compose([o for o in overrides if not _is_hydra_override(o)])
+    if ddp.launch_info() is not None:
+        ddp.init_from_env(str(cfg.get("device", "auto")))
+    trainer = Trainer(cfg)
+    trainer.prepare()
+    return cfg, trainer
+
+
+def _run_task(cfg, trainer, debug: bool):
+    from imbssl.engine.trainer import NonFiniteLossError, timed_run
+
+    try:
+        return timed_run(cfg, trainer)
+    except NonFiniteLossError as exc:
+        print(f"imbssl: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except user_errors() as exc:
+        if debug:
+            raise
+        raise SystemExit(fail(describe(exc))) from None
+
+
+def _hydra_train(overrides: list[str], debug: bool, trainer=None) -> int:
     import hydra
 
     from imbssl.engine.config import register_configs
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
     def task(cfg):
-        from imbssl.engine.trainer import NonFiniteLossError, timed_run
-
-        try:
-            return timed_run(cfg)
-        except NonFiniteLossError as exc:
-            print(f"imbssl: error: {exc}", file=sys.stderr)
-            raise SystemExit(1) from None
-        except user_errors() as exc:
-            if debug:
-                raise
-            raise SystemExit(fail(one_line(exc))) from None
+        return _run_task(cfg, trainer, debug)
 
     register_configs()
     sys.argv = ["imbssl-train", *overrides]
@@ -92,10 +145,21 @@ def _hydra_train(overrides: list[str], debug: bool) -> int:
 
 
 def train(args: list[str], debug: bool) -> int:
+    from imbssl.engine import distributed as ddp
+
     multirun = any(a in ("-m", "--multirun") for a in args)
-    if not multirun and not any(a.startswith(("--cfg", "-c", "--help", "--info")) for a in args):
-        _preflight(args)
-    return _hydra_train(args, debug)
+    if multirun or any(a.startswith(("--cfg", "-c", "--help", "--info", "--hydra-help",
+                                     "--shell-completion", "-p", "--package"))
+                       for a in args):
+        return _hydra_train(args, debug)  # sweeps: every job builds (and checks) its own
+    try:
+        cfg, trainer = _build(args)
+        if ddp.is_main():  # Hydra (config copy, job log) for process 0 only
+            return _hydra_train(args, debug, trainer)
+        _run_task(cfg, trainer, debug)
+        return 0
+    finally:
+        ddp.shutdown()
 
 
 def evaluate(args: list[str]) -> int:
@@ -133,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as exc:
         if debug:
             raise
-        return fail(one_line(exc))
+        return fail(describe(exc))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ class TrainerConfig:
     tensorboard: bool = True
     report: bool = True  # plots + HTML/Markdown report in the run folder at the end
     deterministic: bool = False
+    #: multi-GPU runs (torchrun): batch-norm statistics over the global batch (SyncBatchNorm)
+    sync_bn: bool = False
 
 
 @dataclass
@@ -95,3 +97,39 @@ def to_object(node: DictConfig | Any, schema: type | None = None) -> Any:
         return node
     merged = OmegaConf.merge(OmegaConf.structured(schema), node)
     return OmegaConf.to_object(merged)
+
+
+def typed(cfg: DictConfig, group: str, schema: type) -> Any:
+    """``cfg.<group>`` as ``schema``; a bad key or value is a one-line ``UserError``."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from imbssl.errors import UserError
+
+    node = cfg.get(group) if isinstance(cfg, DictConfig) else getattr(cfg, group, None)
+    if node is None:
+        raise UserError(f"the config has no {group!r} group; add {group}=<option>")
+    try:
+        return to_object(node, schema)
+    except OmegaConfBaseException as exc:
+        raise UserError(describe_config_error(exc, group)) from None
+
+
+def describe_config_error(exc: Exception, prefix: str = "") -> str:
+    """One line naming the key and the value of an OmegaConf error (and what to do)."""
+    from dataclasses import fields, is_dataclass
+
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or ""
+    key = f"{prefix}.{key}" if prefix and key and not str(key).startswith(f"{prefix}.") else key
+    first = (str(getattr(exc, "msg", "") or exc).strip().splitlines() or [type(exc).__name__])[0]
+    if isinstance(exc, ConfigAttributeError | ConfigKeyError):
+        owner = getattr(exc, "object_type", None)
+        known = ([f.name for f in fields(owner)] if owner is not None and is_dataclass(owner)
+                 else [])
+        hint = f"; valid keys there: {', '.join(known)}" if known else "; check its spelling"
+        return f"unknown config key {key!r}{hint}"
+    if isinstance(exc, ValidationError):
+        value = getattr(exc, "value", None)
+        return f"{key}={value!r} has the wrong type ({first}); give a value of the right type"
+    return f"{key}: {first}" if key else first

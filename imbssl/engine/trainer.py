@@ -1,8 +1,24 @@
 """The one training loop. It owns precision, optimizer, schedule, EMA, evaluation, logging and
 checkpoints; what a step computes is the algorithm's business (``algo.step(batch, state)``).
 
-Host syncs happen only at log, evaluation and checkpoint intervals: per-step scalars and
-pseudo-label confusion matrices accumulate on the device.
+Host syncs happen only at log, evaluation and checkpoint intervals: per-step scalars, the
+first step at which each loss term became non-finite and pseudo-label confusion matrices
+accumulate on the device.
+
+Life cycle: ``Trainer(cfg)`` checks every config value and builds data, network and
+algorithm without writing anything; ``prepare()`` checks the run folder and, with
+``resume=true``, loads the last checkpoint (still writing nothing); ``run()`` writes the
+folder and trains. The CLI calls the first two before Hydra creates its files, so a bad
+input never touches an existing run folder.
+
+Exact resume: a checkpoint holds everything that shapes the rest of the run (weights, EMA,
+optimizer, grad scaler, every random generator, the batch streams' positions, the
+algorithm's buffers including non-persistent ones, the pseudo-label tracker, pending log
+accumulators, evaluation history); on resume the rows logged after the checkpoint are
+dropped from ``metrics.jsonl`` and ``per_class.csv``, so a resumed run's files equal an
+uninterrupted run's.
+
+Several processes (``torchrun``): see :mod:`imbssl.engine.distributed`.
 """
 from __future__ import annotations
 
@@ -10,7 +26,7 @@ import contextlib
 import math
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -18,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from imbssl.algorithms import Batch, StepState, get_algorithm
-from imbssl.data import DatasetConfig, build_data
+from imbssl.data import DataError, DatasetConfig, build_data
 from imbssl.data.device_loader import BatchStream
 from imbssl.diagnostics.logfile import RunLog
 from imbssl.diagnostics.metrics import (
@@ -28,14 +44,32 @@ from imbssl.diagnostics.metrics import (
     per_class_rows,
 )
 from imbssl.diagnostics.tracker import PseudoLabelTracker
-from imbssl.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from imbssl.engine.config import OptimConfig, TrainerConfig, to_object
+from imbssl.engine import distributed as ddp
+from imbssl.engine.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    remove_partial,
+    save_checkpoint,
+)
+from imbssl.engine.config import OptimConfig, PseudoNoneConfig, TrainerConfig, typed
 from imbssl.engine.evaluate import confusion_matrix
 from imbssl.engine.rng import rng_state, seed_everything, set_rng_state
-from imbssl.engine.run_dir import environment, git_commit, prepare_run_dir, write_meta
-from imbssl.errors import UserError
+from imbssl.engine.run_dir import (
+    check_run_dir,
+    environment,
+    git_commit,
+    prepare_run_dir,
+    truncate_logs,
+    write_meta,
+)
+from imbssl.engine.validation import check_all
+from imbssl.errors import UnknownNameError, UserError
 from imbssl.models import EMA, ModelConfig, build_model
 from imbssl.pseudo import build_refiner
+
+CHECKPOINT_FORMAT = 2
+NEVER = 2**62  # "no non-finite value yet" in the first-bad-step accumulators
 
 
 class NonFiniteLossError(RuntimeError):
@@ -43,14 +77,19 @@ class NonFiniteLossError(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
+    if not isinstance(name, str):
+        raise UserError(f"device={name!r} is not a device name; use auto, cpu or cuda")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={name} was asked for but CUDA is not available; use device=cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise UserError(f"device={name!r} is not a torch device; use auto, cpu or cuda") from None
+    if device.type == "cuda" and ddp.is_distributed():  # one GPU per process
+        device = torch.device("cuda", ddp.local_rank())
+    return device
 
 
 def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
@@ -74,39 +113,80 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
                            **fast)
 
 
+@dataclass
+class _Accumulator:
+    """Per-step scalars of one set of keys, summed on the device since the last flush."""
+
+    total: Tensor  # (n_keys,) float32 sums
+    count: int  # steps added
+    first_bad: Tensor  # (n_keys,) int64: first step (1-based) with a non-finite value, or NEVER
+
+
 class Trainer:
     """Builds data, network, EMA, algorithm and optimizer from a config and runs the loop."""
 
     def __init__(self, cfg: DictConfig, run_dir: str | Path | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir or cfg.run_dir)
-        self.tcfg: TrainerConfig = to_object(cfg.trainer, TrainerConfig)
-        self.ocfg: OptimConfig = to_object(cfg.optim, OptimConfig)
-        self.mcfg: ModelConfig = to_object(cfg.model, ModelConfig)
+        self.resume, self.overwrite = bool(cfg.get("resume", False)), bool(
+            cfg.get("overwrite", False))
+        self.tcfg: TrainerConfig = typed(cfg, "trainer", TrainerConfig)
+        self.ocfg: OptimConfig = typed(cfg, "optim", OptimConfig)
+        self.mcfg: ModelConfig = typed(cfg, "model", ModelConfig)
+        self.dcfg: DatasetConfig = typed(cfg, "dataset", DatasetConfig)
+        algo_cls = get_algorithm(str(cfg.algorithm.name))
+        algo_cfg = typed(cfg, "algorithm", algo_cls.Config)
+        pseudo_cfg = self._pseudo_config(cfg)
+        check_all(cfg, self.tcfg, self.ocfg, self.mcfg, self.dcfg, algo_cfg, pseudo_cfg)
+        self.world, self.rank = ddp.world_size(), ddp.rank()
+        self.is_main = self.rank == 0
+        uratio = int(algo_cfg.uratio)
+        if self.tcfg.batch_size % self.world:
+            raise UserError(f"trainer.batch_size={self.tcfg.batch_size} must be divisible by "
+                            f"the number of processes ({self.world}); every process trains on "
+                            "an equal share of the global batch")
         self.device = resolve_device(cfg.device)
-        validate(self.tcfg, self.ocfg)
+        if self.tcfg.sync_bn and self.world > 1 and self.device.type != "cuda":
+            raise UserError("trainer.sync_bn=true needs CUDA (SyncBatchNorm does not run on the "
+                            "CPU); use model.norm=group with small_cnn or trainer.sync_bn=false")
         if self.tcfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(cfg.seed)
 
-        self.data = build_data(to_object(cfg.dataset, DatasetConfig), self.device)
+        try:
+            self.data = build_data(self.dcfg, self.device)
+        except DataError as exc:
+            if "were requested" not in str(exc):
+                raise
+            raise DataError(f"{exc}; lower dataset.n1 / dataset.m1 (or raise dataset.gamma_l "
+                            "/ dataset.gamma_u) to fit the data") from None
         k = self.data.num_classes
-        algo_cls = get_algorithm(cfg.algorithm.name)
-        algo_cfg = to_object(cfg.algorithm, algo_cls.Config)
-        self.model = build_model(self.mcfg.name, k, self.data.image_shape[0]).to(self.device)
-        self.model.heads.update(algo_cls.make_heads(algo_cfg, self.model.feat_dim, k))
-        self.model.to(self.device)
+        model = build_model(self.mcfg.name, k, self.data.image_shape[0], norm=self.mcfg.norm)
+        model.heads.update(algo_cls.make_heads(algo_cfg, model.feat_dim, k))
+        if self.tcfg.sync_bn and self.world > 1:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model.to(self.device)
         if self.device.type == "cuda" and self.mcfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        ddp.broadcast_module(self.model)  # replicas start equal (they are seeded alike anyway)
         self.ema = EMA(self.model, self.mcfg.ema_decay)
-        refiner = build_refiner(cfg.get("pseudo"), k, self.model.feat_dim)
-        self.algo = algo_cls(algo_cfg, k, self.model.feat_dim, self.data.labeled.labels,
-                             refiner=refiner).to(self.device)
+        try:
+            refiner = build_refiner(pseudo_cfg, k, self.model.feat_dim)
+            self.algo = algo_cls(algo_cfg, k, self.model.feat_dim, self.data.labeled.labels,
+                                 refiner=refiner).to(self.device)
+        except UserError:
+            raise
+        except ValueError as exc:  # constructors validate their config values
+            raise UserError(f"algorithm={algo_cfg.name} pseudo="
+                            f"{getattr(pseudo_cfg, 'name', 'none')}: {exc}") from None
         self.optimizer = build_optimizer(self.model, self.ocfg, self.device)
+        self.grad_sync = ddp.GradientAllReduce(self.model)
         self.forward_model = (torch.compile(self.model) if self.tcfg.compile or self.mcfg.compile
                               else self.model)
 
-        bs, uratio = self.tcfg.batch_size, algo_cfg.uratio
+        # the same seeded streams and augmentation generator on every process: each draws
+        # the global batch and keeps its share (see imbssl/engine/distributed.py)
+        bs = self.tcfg.batch_size
         self.labeled_stream = BatchStream(self.data.labeled, bs, cfg.seed * 1000 + 1, self.device)
         self.unlabeled_stream = BatchStream(self.data.unlabeled, bs * uratio,
                                             cfg.seed * 1000 + 2, self.device)
@@ -116,15 +196,32 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.precision == torch.float16)
         self.tracker = PseudoLabelTracker(k, self.device)
-        self.log = RunLog(self.run_dir)
+        self.log: RunLog | None = None  # created by run(): nothing is written before
         self.step_count = 0
         self.eval_history: dict[str, list[float]] = {}
-        self._scalars: dict[str, Tensor] = {}
-        self._scalar_steps = 0
+        self._acc: dict[tuple[str, ...], _Accumulator] = {}
         self._last_test: dict | None = None
+        self._last_eval_step = -1
+        self._resumed_from: Path | None = None
+        self._resumed_at = 0
+        self._prepared = False
         self._tb = None
+        self._start_rng = rng_state()  # run() starts from here whatever ran in between
 
     # ----------------------------------------------------------------- setup helpers
+    @staticmethod
+    def _pseudo_config(cfg: DictConfig):
+        node = cfg.get("pseudo")
+        name = "none" if node is None else str(node.get("name", "none"))
+        if name == "none":
+            return PseudoNoneConfig()
+        if name == "daso":
+            from imbssl.pseudo.daso import DASOConfig
+
+            return typed(cfg, "pseudo", DASOConfig)
+        raise UnknownNameError(f"unknown pseudo-label refiner {name!r} (pseudo.name={name}); "
+                               "choose none or daso")
+
     def _precision(self) -> torch.dtype:
         name = self.tcfg.precision
         if name == "auto":
@@ -143,15 +240,21 @@ class Trainer:
 
     # ----------------------------------------------------------------- the loop
     def next_batch(self) -> tuple[Batch, Tensor | None]:
-        """Sample and augment one step's batch; returns it and the unlabeled true labels."""
+        """Sample and augment one step's batch; returns it and the unlabeled true labels.
+
+        The global batch is drawn and augmented; this process keeps its share (all of it
+        for one process)."""
         aug, gen = self.data.augmenter, self.aug_gen
         x, y, idx = self.labeled_stream.next()
-        batch = Batch(x_lb=self._prepare(aug.weak(x, gen)), y_lb=y, idx_lb=idx)
+        lb = ddp.even_shard(len(x))
+        batch = Batch(x_lb=self._prepare(aug.weak(x, gen)[lb]), y_lb=y[lb], idx_lb=idx[lb])
         y_ulb = None
         if self.algo.unlabeled_views:
             xu, y_ulb, idx_u = self.unlabeled_stream.next()
-            batch.x_ulb = [self._prepare(aug.view(v, xu, gen)) for v in self.algo.unlabeled_views]
-            batch.idx_ulb = idx_u
+            views = [aug.view(v, xu, gen) for v in self.algo.unlabeled_views]
+            ub = ddp.even_shard(len(xu))
+            batch.x_ulb = [self._prepare(v[ub]) for v in views]
+            batch.idx_ulb, y_ulb = idx_u[ub], y_ulb[ub]
         return batch, y_ulb
 
     def train_step(self) -> None:
@@ -165,66 +268,136 @@ class Trainer:
             loss, logs = self.algo.step(batch, state)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        self.grad_sync()  # mean gradient over processes (no-op for one)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.world > 1 and not self.tcfg.sync_bn:
+            ddp.broadcast_buffers(self.model)
         self.ema.update(self.model)
         self._accumulate(loss, logs, y_ulb)
         self.step_count += 1
 
     def _accumulate(self, loss: Tensor, logs: dict[str, Tensor], y_ulb: Tensor | None) -> None:
-        scalars = {"loss/total": loss.detach()}
-        scalars.update({k: v for k, v in logs.items() if v.ndim == 0})
-        for key, value in scalars.items():
-            value = value.detach().float()
-            prev = self._scalars.get(key)
-            self._scalars[key] = value if prev is None else prev + value
-        self._scalar_steps += 1
+        """Add this step's scalars and note, per key, the first step with a non-finite
+        value; a few tiny device ops, no host sync."""
+        keys = ("loss/total", *[k for k, v in logs.items() if v.ndim == 0])
+        values = torch.stack([loss.detach().float()]
+                             + [logs[k].detach().float() for k in keys[1:]])
+        bad_at = torch.where(torch.isfinite(values), NEVER, self.step_count + 1)
+        acc = self._acc.get(keys)
+        if acc is None:
+            self._acc[keys] = _Accumulator(values, 1, bad_at)
+        else:
+            acc.total.add_(values)
+            acc.count += 1
+            torch.minimum(acc.first_bad, bad_at, out=acc.first_bad)
         if y_ulb is not None:
             self.tracker.update({k: v for k, v in logs.items() if k.startswith("pseudo/")}, y_ulb)
 
     def flush_scalars(self) -> dict[str, float]:
-        """Average the accumulated scalars (one host transfer); raise on a non-finite loss."""
-        if not self._scalars:
+        """Average the accumulated scalars (one host transfer; with several processes, one
+        all-reduce each for sums and first non-finite steps); raise ``NonFiniteLossError``
+        naming the first step and loss term that became NaN or infinite."""
+        if not self._acc:
             return {}
-        keys = list(self._scalars)
-        values = (torch.stack([self._scalars[k] for k in keys]) / self._scalar_steps).tolist()
-        self._scalars, self._scalar_steps = {}, 0
-        means = dict(zip(keys, values, strict=True))
-        bad = [k for k, v in means.items() if k.startswith("loss/") and not math.isfinite(v)]
+        groups = list(self._acc.items())
+        self._acc = {}
+        total = ddp.all_reduce_mean(torch.cat([a.total for _, a in groups]))
+        first_bad = ddp.all_reduce_min(torch.cat([a.first_bad for _, a in groups]))
+        host = torch.cat([total.double(), first_bad.double()]).tolist()
+        n = len(host) // 2
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        bad: dict[str, int] = {}
+        i = 0
+        for keys, acc in groups:
+            for key in keys:
+                sums[key] = sums.get(key, 0.0) + host[i]
+                counts[key] = counts.get(key, 0) + acc.count
+                if host[n + i] < NEVER:
+                    bad[key] = min(bad.get(key, NEVER), int(host[n + i]))
+                i += 1
+        bad = {k: s for k, s in bad.items() if k.startswith("loss/")}
         if bad:
-            terms = [k for k in bad if k != "loss/total"] or bad
-            raise NonFiniteLossError(
-                f"non-finite loss at or before step {self.step_count} in {', '.join(terms)}; "
-                "the last good checkpoint is kept (lower optim.lr or check the data)")
-        return means
+            raise NonFiniteLossError(self._non_finite_message(bad))
+        return {k: sums[k] / counts[k] for k in sums}
+
+    def _non_finite_message(self, bad: dict[str, int]) -> str:
+        terms = {k: s for k, s in bad.items() if k != "loss/total"} or bad
+        first = min(terms.values())
+        named = sorted(k for k, s in terms.items() if s == first)
+        later = [f"{k} from step {s}" for k, s in sorted(terms.items(), key=lambda kv: kv[1])
+                 if s != first]
+        found = list_checkpoints(self.run_dir / "checkpoints")
+        kept = (f"the last good checkpoint {found[-1][1].name} (step {found[-1][0]}) is kept"
+                if found else "no checkpoint had been written")
+        return (f"non-finite loss (NaN or inf): {', '.join(named)} at step {first}"
+                + (f" (then {', '.join(later)})" if later else "")
+                + f"; training stopped at step {self.step_count} and {kept}; lower optim.lr, "
+                "use trainer.precision=fp32 or check the data")
+
+    # ----------------------------------------------------------------- run
+    def prepare(self) -> None:
+        """Check the run folder and, with ``resume=true``, load its last checkpoint. Writes
+        nothing, so a failure leaves an existing run folder untouched."""
+        if self._prepared:
+            return
+        check_run_dir(self.run_dir, self.resume, self.overwrite)
+        if self.resume:
+            self.load_latest()
+        ddp.barrier()  # every process has checked the folder before process 0 writes to it
+        self._prepared = True
+
+    def _start(self) -> None:
+        """The first writes: clear (overwrite=true) or truncate (resume=true) the folder."""
+        if self.is_main:
+            if self.resume:
+                remove_partial(self.run_dir / "checkpoints")
+                truncate_logs(self.run_dir, self.step_count)
+            else:
+                prepare_run_dir(self.run_dir, False, self.overwrite)
+                self._write_config()
+            self.log = RunLog(self.run_dir)
+        ddp.barrier()
+        if not self.resume:
+            set_rng_state(self._start_rng)
 
     def run(self) -> dict:
         """Train to ``trainer.iterations`` (resuming if asked) and return the summary."""
-        prepare_run_dir(self.run_dir, bool(self.cfg.resume), bool(self.cfg.overwrite))
-        if self.cfg.resume:
-            self.load_latest()
-        else:
-            self._write_config()
+        self.prepare()
+        self._start()
+        if self._resumed_from is not None and self.is_main:
+            print(f"resumed from {self._resumed_from} at step {self.step_count}",
+                  file=sys.stderr)
         total = self.tcfg.iterations
-        self.log.write_summary(self.summary("running"))
+        self._write_summary(self.summary("running"))
         progress = self._progress(total)
         try:
             while self.step_count < total:
                 self.train_step()
                 progress.update(1)
                 self._periodic(progress)
-            if self._last_test is None or self._last_test.get("step") != self.step_count:
+            if self._last_eval_step != self.step_count:
                 self.evaluate()
+            if self._last_test is None:  # resumed after the final evaluation: recompute it
+                self._last_test = self._measure("test", self.data.test)
+        except NonFiniteLossError as exc:
+            self._write_summary(self.summary("failed", error=str(exc)))
+            raise
         except BaseException:
-            self.log.write_summary(self.summary("stopped"))
+            self._write_summary(self.summary("stopped"))
             raise
         finally:
             progress.close()
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
         summary = self.summary("finished")
-        self.log.write_summary(summary)
-        self._print_final()
-        if self.tcfg.report:
-            self.write_report()
+        self._write_summary(summary)
+        if self.is_main:
+            self._print_final()
+            if self.tcfg.report:
+                self.write_report()
         return summary
 
     def write_report(self) -> None:
@@ -235,6 +408,9 @@ class Trainer:
         print(f"report: {html} (and {md.name})")
 
     def _periodic(self, progress) -> None:
+        """Log, evaluate and checkpoint. Every checkpoint step is also a flush step, so no
+        log accumulator is pending in a checkpoint, and a non-finite loss stops the run
+        before the checkpoint is written."""
         step, t = self.step_count, self.tcfg
         at = lambda every: every > 0 and (step % every == 0 or step == t.iterations)  # noqa: E731
         if at(t.log_interval) or at(t.eval_interval) or at(t.checkpoint_interval):
@@ -242,8 +418,7 @@ class Trainer:
             if scalars:
                 row = {"step": step, "split": "train", "lr": self.optimizer.param_groups[0]["lr"],
                        **scalars}
-                self.log.append_metrics(row)
-                self._tensorboard(row)
+                self._append_metrics(row)
                 progress.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in scalars.items()
                                       if k.startswith("loss/")}, refresh=False)
         if at(t.eval_interval):
@@ -252,6 +427,19 @@ class Trainer:
             self.save()
 
     # ----------------------------------------------------------------- evaluation
+    def _measure(self, split: str, tset) -> dict:
+        """EMA model on ``tset``: each process counts its shard of the images, summed."""
+        part = ddp.shard(len(tset.images))
+        conf = confusion_matrix(self.ema.model, tset.images[part], tset.labels[part],
+                                lambda x: self._prepare(self.data.augmenter.normalize(x)),
+                                self.data.num_classes, self.tcfg.eval_batch_size,
+                                self.autocast)
+        conf = ddp.all_reduce_sum(conf).cpu().numpy()
+        metrics = confusion_to_metrics(conf)
+        return {"step": self.step_count, "split": split, "top1": float(metrics["top1"]),
+                "balanced_acc": float(metrics["balanced_acc"]), "metrics": metrics,
+                "confusion": conf}
+
     def evaluate(self) -> dict:
         """EMA model on test (and validation) + pseudo-label diagnostics since the last call."""
         step, names = self.step_count, self.data.class_names
@@ -259,54 +447,63 @@ class Trainer:
         splits = [("test", self.data.test)] + ([("valid", self.data.valid)]
                                               if self.data.valid is not None else [])
         for split, tset in splits:
-            conf = confusion_matrix(self.ema.model, tset.images, tset.labels,
-                                    lambda x: self._prepare(self.data.augmenter.normalize(x)),
-                                    self.data.num_classes, self.tcfg.eval_batch_size,
-                                    self.autocast).cpu().numpy()
-            metrics = confusion_to_metrics(conf)
-            row = {"step": step, "split": split, "top1": float(metrics["top1"]),
-                   "balanced_acc": float(metrics["balanced_acc"])}
-            self.log.append_metrics(row)
-            self._tensorboard(row)
-            self.log.append_per_class(per_class_rows(step, split, "prediction", "all",
-                                                     metrics, names))
+            res = self._measure(split, tset)
+            row = {k: res[k] for k in ("step", "split", "top1", "balanced_acc")}
+            self._append_metrics(row)
+            if self.log is not None:
+                self.log.append_per_class(per_class_rows(step, split, "prediction", "all",
+                                                         res["metrics"], names))
+                if split == "test":
+                    self.log.write_confusion(res["confusion"])
             for key in ("top1", "balanced_acc"):
                 self.eval_history.setdefault(f"{split}/{key}", []).append(row[key])
-            results[split] = {**row, "metrics": metrics}
-            if split == "test":
-                self.log.write_confusion(conf)
-        pseudo_rows = self.tracker.flush(step, names)
-        if pseudo_rows:
+            results[split] = res
+        pseudo_rows = self.tracker.flush(step, names)  # all processes: sums the matrices
+        if pseudo_rows and self.log is not None:
             self.log.append_per_class(pseudo_rows)
-            self.log.append_metrics({"step": step, "split": "pseudo",
-                                     **self.tracker.last_summary})
+            self._append_metrics({"step": step, "split": "pseudo", **self.tracker.last_summary})
         self._last_test = results["test"]
-        self.log.write_summary(self.summary("running"))
+        self._last_eval_step = step
+        self._write_summary(self.summary("running"))
         return results
 
-    def summary(self, status: str) -> dict:
+    def summary(self, status: str, error: str | None = None) -> dict:
         n = self.tcfg.summary_last
         final = {k: v[-1] for k, v in self.eval_history.items()}
         med = {k: float(median_of_last(v, n)) for k, v in self.eval_history.items()}
-        return {"status": status, "step": self.step_count, "final": final,
-                f"median_last{n}": med, "summary_last": n}
+        out = {"status": status, "step": self.step_count, "final": final,
+               f"median_last{n}": med, "summary_last": n}
+        if error:
+            out["error"] = error
+        return out
 
     def _print_final(self) -> None:
         metrics = self._last_test["metrics"]
         print(format_per_class_table(metrics, self.data.class_names, self.data.labeled_counts))
-        med = median_of_last(self.eval_history["test/balanced_acc"], self.tcfg.summary_last)
+        history = self.eval_history.get("test/balanced_acc") or [metrics["balanced_acc"]]
+        med = median_of_last(history, self.tcfg.summary_last)
         print(f"final test balanced accuracy: {metrics['balanced_acc'] * 100:.2f}%  "
               f"(top-1 {metrics['top1'] * 100:.2f}%; median of last "
-              f"{min(self.tcfg.summary_last, len(self.eval_history['test/balanced_acc']))} "
+              f"{min(self.tcfg.summary_last, len(history))} "
               f"evaluations {med * 100:.2f}%)")
         print(f"run folder: {self.run_dir}")
 
     # ----------------------------------------------------------------- logging helpers
+    def _append_metrics(self, row: dict) -> None:
+        if self.log is not None:
+            self.log.append_metrics(row)
+            self._tensorboard(row)
+
+    def _write_summary(self, summary: dict) -> None:
+        if self.log is not None:
+            self.log.write_summary(summary)
+
     def _progress(self, total: int):
         from tqdm.auto import tqdm
 
         return tqdm(total=total, initial=self.step_count, desc="train", dynamic_ncols=True,
-                    disable=not self.tcfg.progress, file=sys.stderr, mininterval=1.0)
+                    disable=not (self.tcfg.progress and self.is_main), file=sys.stderr,
+                    mininterval=1.0)
 
     def _tensorboard(self, row: dict) -> None:
         if not self.tcfg.tensorboard:
@@ -317,7 +514,9 @@ class Trainer:
             except ImportError:
                 self.tcfg.tensorboard = False
                 return
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            # a resumed run drops the events logged after its checkpoint, like metrics.jsonl
+            purge = self._resumed_at + 1 if self._resumed_from is not None else None
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
         prefix = row["split"]
         for key, value in row.items():
             if key not in ("step", "split") and isinstance(value, int | float):
@@ -330,92 +529,156 @@ class Trainer:
             **git_commit(), **environment(self.device), "seed": int(self.cfg.seed),
             "class_names": self.data.class_names, "labeled_counts": self.data.labeled_counts,
             "unlabeled_counts": self.data.unlabeled_counts,
-            "trainer": asdict(self.tcfg), "command": sys.argv,
+            "trainer": asdict(self.tcfg), "world_size": self.world, "command": sys.argv,
         })
 
     # ----------------------------------------------------------------- checkpoints
+    def _algorithm_extra_buffers(self) -> dict[str, Tensor]:
+        """The algorithm's non-persistent buffers (left out of ``state_dict``)."""
+        out = {}
+        for prefix, module in self.algo.named_modules():
+            for name in getattr(module, "_non_persistent_buffers_set", ()):
+                buf = module._buffers.get(name)
+                if buf is not None:
+                    out[f"{prefix}.{name}" if prefix else name] = buf
+        return out
+
+    def _tracker_state(self) -> dict:
+        state = self.tracker.state_dict()
+        if self.world > 1:  # the whole run's counts (each process holds its share)
+            state["confusion"] = {
+                k: ddp.all_reduce_sum(v.to(self.device)).cpu()
+                for k, v in sorted(state["confusion"].items())}
+        return state
+
     def state_dict(self) -> dict:
+        """Everything that shapes the rest of the run (with several processes: a collective,
+        every process must call it)."""
         return {
+            "format": CHECKPOINT_FORMAT,
             "step": self.step_count,
             "num_classes": self.data.num_classes,
             "model_name": self.mcfg.name,
+            "model_norm": self.mcfg.norm,
             "algorithm_name": str(self.cfg.algorithm.name),
+            "world_size": self.world,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "algorithm": self.algo.state_dict(),
+            "algorithm_buffers": dict(self._algorithm_extra_buffers()),
             "labeled_stream": self.labeled_stream.state_dict(),
             "unlabeled_stream": self.unlabeled_stream.state_dict(),
             "aug_generator": self.aug_gen.get_state(),
             "rng": rng_state(),
-            "tracker": self.tracker.state_dict(),
+            "tracker": self._tracker_state(),
             "eval_history": {k: list(v) for k, v in self.eval_history.items()},
+            "last_eval_step": self._last_eval_step,
+            "pending_scalars": [[list(keys), a.total, a.count, a.first_bad]
+                                for keys, a in self._acc.items()],
         }
 
-    def save(self) -> Path:
-        return save_checkpoint(self.state_dict(), self.run_dir / "checkpoints", self.step_count,
+    def save(self) -> Path | None:
+        """Checkpoint the current step (process 0 writes; every process must call it)."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+        if not bool(ddp.all_reduce_min(finite.to(torch.int32)).item()):
+            found = list_checkpoints(self.run_dir / "checkpoints")
+            kept = (f"the last good checkpoint {found[-1][1].name} is kept" if found
+                    else "no checkpoint had been written")
+            raise NonFiniteLossError(
+                f"the weights became non-finite (NaN or inf) by step {self.step_count} although "
+                f"every logged loss was finite; no checkpoint was written and {kept}; lower "
+                "optim.lr or use trainer.precision=fp32")
+        state = self.state_dict()
+        if not self.is_main:
+            return None
+        return save_checkpoint(state, self.run_dir / "checkpoints", self.step_count,
                                self.tcfg.keep_checkpoints)
 
-    def load_state_dict(self, state: dict) -> None:
-        check_compatible(state, self.data.num_classes, self.mcfg.name)
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.algo.load_state_dict(state["algorithm"])
-        self.labeled_stream.load_state_dict(state["labeled_stream"])
-        self.unlabeled_stream.load_state_dict(state["unlabeled_stream"])
-        self.aug_gen.set_state(state["aug_generator"].cpu())
-        set_rng_state(state["rng"])
-        self.tracker.load_state_dict(state["tracker"])
+    def load_state_dict(self, state: dict, source: str | Path = "the checkpoint") -> None:
+        check_compatible(state, self.data.num_classes, self.mcfg.name,
+                         str(self.cfg.algorithm.name), self.mcfg.norm)
+
+        def part(name: str, load) -> None:
+            try:
+                load()
+            except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise UserError(f"{source}: its {name} does not fit the configured run "
+                                f"({first[:200]}); resume with the configuration it was "
+                                f"trained with ({self.run_dir / 'config.yaml'})") from None
+
+        part("model", lambda: self.model.load_state_dict(state["model"]))
+        part("EMA model", lambda: self.ema.load_state_dict(state["ema"]))
+        part("optimizer state", lambda: self.optimizer.load_state_dict(state["optimizer"]))
+        part("grad scaler", lambda: self.scaler.load_state_dict(state["scaler"]))
+        part("algorithm state", lambda: self.algo.load_state_dict(state["algorithm"]))
+        part("algorithm buffers", lambda: self._load_extra_buffers(
+            state.get("algorithm_buffers", {})))
+        part("labeled stream", lambda: self.labeled_stream.load_state_dict(
+            state["labeled_stream"]))
+        part("unlabeled stream", lambda: self.unlabeled_stream.load_state_dict(
+            state["unlabeled_stream"]))
+        part("augmentation generator", lambda: self.aug_gen.set_state(
+            state["aug_generator"].cpu()))
+        part("random generators", lambda: set_rng_state(state["rng"]))
+        part("pseudo-label tracker", lambda: self.tracker.load_state_dict(state["tracker"]))
+        if not self.is_main:  # the counts so far live on process 0 only
+            self.tracker.reset()
         self.eval_history = {k: list(v) for k, v in state["eval_history"].items()}
+        self._last_eval_step = int(state.get("last_eval_step", -1))
+        self._acc = {}
+        if self.is_main:  # pending sums are process 0's (a checkpoint step flushes them)
+            for keys, total, count, first_bad in state.get("pending_scalars", []):
+                self._acc[tuple(keys)] = _Accumulator(total.to(self.device), int(count),
+                                                      first_bad.to(self.device))
         self.step_count = int(state["step"])
 
+    def _load_extra_buffers(self, saved: dict) -> None:
+        own = self._algorithm_extra_buffers()
+        for name, value in saved.items():
+            if name in own:
+                own[name].copy_(value)
+
     def load_latest(self) -> None:
-        path = latest_checkpoint(self.run_dir / "checkpoints")
+        ckpt_dir = self.run_dir / "checkpoints"
+        path = latest_checkpoint(ckpt_dir)
         if path is None:
-            raise UserError(f"resume=true but {self.run_dir}/checkpoints holds no checkpoint; "
-                            "run without resume=true to start")
-        self.load_state_dict(load_checkpoint(path, self.device))
-        print(f"resumed from {path} at step {self.step_count}", file=sys.stderr)
+            raise UserError(f"resume=true but {ckpt_dir} holds no checkpoint; run without "
+                            "resume=true to start")
+        self.load_state_dict(load_checkpoint(path, self.device), path)
         if self.step_count > self.tcfg.iterations:
-            raise UserError(f"the checkpoint is at step {self.step_count}, past "
-                            f"trainer.iterations={self.tcfg.iterations}; raise trainer.iterations")
+            raise UserError(f"the checkpoint {path.name} is at step {self.step_count}, past "
+                            f"trainer.iterations={self.tcfg.iterations}; raise "
+                            "trainer.iterations")
+        self._resumed_from, self._resumed_at = path, self.step_count
 
 
-def check_compatible(state: dict, num_classes: int, model_name: str) -> None:
-    """A checkpoint from another number of classes or model is a one-line error."""
+def check_compatible(state: dict, num_classes: int, model_name: str,
+                     algorithm_name: str | None = None, norm: str | None = None) -> None:
+    """A checkpoint from another number of classes, model or algorithm is a one-line error."""
     if int(state.get("num_classes", -1)) != num_classes:
         raise UserError(f"checkpoint has {state.get('num_classes')} classes but the dataset has "
                         f"{num_classes}; use a checkpoint of this dataset")
     if state.get("model_name") != model_name:
         raise UserError(f"checkpoint was trained with model={state.get('model_name')} but "
                         f"model={model_name} is configured; set model={state.get('model_name')}")
+    saved_algo = state.get("algorithm_name")
+    if algorithm_name is not None and saved_algo is not None and saved_algo != algorithm_name:
+        raise UserError(f"checkpoint was trained with algorithm={saved_algo} but "
+                        f"algorithm={algorithm_name} is configured; set algorithm={saved_algo}")
+    saved_norm = state.get("model_norm", "batch")
+    if norm is not None and saved_norm != norm:
+        raise UserError(f"checkpoint was trained with model.norm={saved_norm} but "
+                        f"model.norm={norm} is configured; set model.norm={saved_norm}")
 
 
-def validate(t: TrainerConfig, o: OptimConfig) -> None:
-    """Values a schema's types cannot check."""
-    checks = [
-        (t.iterations >= 1, f"trainer.iterations must be >= 1, got {t.iterations}"),
-        (t.batch_size >= 1, f"trainer.batch_size must be >= 1, got {t.batch_size}"),
-        (t.eval_interval >= 1, f"trainer.eval_interval must be >= 1, got {t.eval_interval}"),
-        (t.precision in ("auto", "bf16", "fp16", "fp32"),
-         f"trainer.precision must be auto, bf16, fp16 or fp32, got {t.precision!r}"),
-        (o.lr > 0, f"optim.lr must be > 0, got {o.lr}"),
-        (o.schedule in ("constant", "cosine"),
-         f"optim.schedule must be constant or cosine, got {o.schedule!r}"),
-        (o.name == "sgd", f"optim.name must be sgd, got {o.name!r}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
-
-
-def timed_run(cfg: DictConfig) -> dict:
+def timed_run(cfg: DictConfig, trainer: Trainer | None = None) -> dict:
     """Train and print the wall time of the training part."""
-    trainer = Trainer(cfg)
+    trainer = trainer if trainer is not None else Trainer(cfg)
     start = time.perf_counter()
     summary = trainer.run()
-    print(f"training time: {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    if trainer.is_main:
+        print(f"training time: {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return summary

@@ -1,0 +1,128 @@
+"""A run killed with SIGKILL after a checkpoint and resumed ends exactly like an
+uninterrupted run: the same final checkpoint, tensor for tensor (weights, EMA, optimizer,
+generators, streams, DASO queues and m_hat window, SimMatch bank, distribution-alignment
+history, tracker, ...), and the same metrics.jsonl, per_class.csv, summary.json and
+confusion_test.npy, byte for byte.
+
+All six processes (reference, killed, resumed for two algorithms) are real CLI runs; the
+reference and killed runs of both algorithms run at once, then both resumes.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ITERS, KILL_AFTER = 20, 8  # kill once the checkpoint of step 8 exists and step 10 is logged
+COMMON = [f"trainer.iterations={ITERS}", "trainer.batch_size=8", "trainer.eval_interval=4",
+          "trainer.log_interval=2", "trainer.checkpoint_interval=4", "trainer.keep_checkpoints=2",
+          "trainer.deterministic=true", "dataset.n1=30", "dataset.m1=60"]
+CASES = {
+    # DASO active from step 2, m_hat recomputed every 3 steps (a window is half full at every
+    # checkpoint), queues of 8 per class wrap around
+    "fixmatch_daso": ["algorithm=fixmatch", "pseudo=daso", "pseudo.warmup_iters=2",
+                      "pseudo.dist_window=3", "pseudo.queue_size=8", "algorithm.threshold=0.5"],
+    # labeled bank + distribution alignment over a 3-batch window
+    "simmatch": ["algorithm=simmatch", "pseudo=none", "algorithm.dist_align_window=3",
+                 "algorithm.threshold=0.5"],
+}
+FILES = ("metrics.jsonl", "per_class.csv", "summary.json", "confusion_test.npy")
+
+
+def _logged_steps(run: Path) -> list[int]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    steps = []
+    for line in text[: text.rfind("\n") + 1].splitlines():
+        try:
+            steps.append(int(json.loads(line)["step"]))
+        except (ValueError, KeyError):
+            pass
+    return steps
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, rel):
+    root = tmp_path_factory.mktemp("exact_resume")
+    args = {name: [*COMMON, *extra, *rel.QUIET] for name, extra in CASES.items()}
+    procs = {}
+    for name in CASES:
+        for kind in ("ref", "kill"):
+            (root / name).mkdir(exist_ok=True)
+            procs[name, kind] = rel.launch("train", *args[name], f"run_dir={root / name / kind}",
+                                           log=root / name / f"{kind}.log")
+    at_kill = {}
+    deadline = time.monotonic() + 240
+    while len(at_kill) < len(CASES) and time.monotonic() < deadline:
+        for name in CASES:
+            if name in at_kill:
+                continue
+            run, proc = root / name / "kill", procs[name, "kill"]
+            ckpt = run / "checkpoints" / f"ckpt_{KILL_AFTER:08d}.pt"
+            if ckpt.exists() and max(_logged_steps(run), default=0) > KILL_AFTER:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                at_kill[name] = {
+                    "returncode": proc.returncode,
+                    "final_ckpt": (run / "checkpoints" / f"ckpt_{ITERS:08d}.pt").exists(),
+                    "last_logged": max(_logged_steps(run)),
+                    "checkpoints": sorted(p.name for p in (run / "checkpoints").iterdir()),
+                }
+            elif proc.poll() is not None:
+                at_kill[name] = {"returncode": proc.returncode, "final_ckpt": True,
+                                 "last_logged": max(_logged_steps(run), default=0),
+                                 "checkpoints": []}
+        time.sleep(0.003)
+    for proc in procs.values():
+        proc.wait(timeout=240)
+    resumed = {name: rel.launch("train", *args[name], f"run_dir={root / name / 'kill'}",
+                                "resume=true", log=root / name / "resume.log")
+               for name in CASES}
+    for proc in resumed.values():
+        proc.wait(timeout=240)
+    return root, procs, resumed, at_kill
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_killed_and_resumed_run_equals_uninterrupted_run(runs, rel, name):
+    root, procs, resumed, at_kill = runs
+    ref, run = root / name / "ref", root / name / "kill"
+    logs = {k: (root / name / f"{k}.log").read_text() for k in ("ref", "kill", "resume")}
+    assert procs[name, "ref"].returncode == 0, logs["ref"][-3000:]
+    info = at_kill[name]
+    assert info["returncode"] == -signal.SIGKILL, (info, logs["kill"][-3000:])
+    assert not info["final_ckpt"], f"the run ended before it could be killed: {info}"
+    assert resumed[name].returncode == 0, logs["resume"][-3000:]
+    resumed_at = int(logs["resume"].split("resumed from ")[1].split(" at step ")[1].split()[0])
+    assert resumed_at >= KILL_AFTER
+    # rows logged after the checkpoint existed when the run was killed, and were dropped
+    assert info["last_logged"] > resumed_at, info
+
+    final = f"checkpoints/ckpt_{ITERS:08d}.pt"
+    a = torch.load(ref / final, weights_only=True)
+    b = torch.load(run / final, weights_only=True)
+    assert rel.differences(a, b) == []
+    for fname in FILES:
+        assert (ref / fname).read_bytes() == (run / fname).read_bytes(), fname
+
+    # the state that makes this test meaningful was really in play at the kill
+    mid = torch.load(run / "checkpoints" / f"ckpt_{ITERS:08d}.pt", weights_only=True)
+    algo = mid["algorithm"]
+    if name == "fixmatch_daso":
+        assert int(algo["refiner.num_observed"]) == ITERS
+        assert int(algo["refiner.queue_len"].min()) > 0  # every class queued
+        assert not torch.allclose(algo["refiner.m_hat"], torch.full((10,), 0.1))
+        assert any(r.get("loss/daso_align") for r in map(json.loads,
+                   (run / "metrics.jsonl").read_text().splitlines()))
+    else:
+        assert int(algo["dist_align.count"]) == ITERS
+        assert 0 < int(algo["bank_filled"].sum()) < len(algo["bank_filled"]) or \
+            bool(algo["bank_filled"].all())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["step"] == ITERS
