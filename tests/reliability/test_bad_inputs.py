@@ -6,6 +6,7 @@ checked, before Hydra starts); ``test_real_processes`` runs a few as real proces
 """
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 import sys
@@ -204,3 +205,20 @@ def test_debug_shows_the_traceback(world, capsys):
 
     with pytest.raises(UserError, match="algorithm.threshold"):
         main(["--debug", *_args(["R", "algorithm.threshold=2"], world)])
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="permissions do not bind root")
+def test_unreadable_run_folder(world, capsys):
+    from hydra.core.global_hydra import GlobalHydra
+
+    locked = world / "locked_run"
+    locked.mkdir(exist_ok=True)
+    locked.chmod(0)
+    try:
+        GlobalHydra.instance().clear()
+        code = main(["train", f"run_dir={locked}", "resume=true", *TINY])
+    finally:
+        locked.chmod(0o755)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "not readable" in err[0], err
