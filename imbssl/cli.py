@@ -121,7 +121,7 @@ def _run_task(cfg, trainer, debug: bool):
     try:
         return timed_run(cfg, trainer)
     except NonFiniteLossError as exc:
-        print(f"imbssl: error: {exc}", file=sys.stderr)
+        fail(str(exc))  # one line, from process 0 under torchrun
         raise SystemExit(1) from None
     except user_errors() as exc:
         if debug:
