@@ -107,10 +107,8 @@ def test_generator_reproduces_the_files():
 def test_rows_get_distinct_run_dirs():
     a = compose(["experiment=cifar10_lt_g100_n500_fixmatch_daso"])
     b = compose(["experiment=cifar10_lt_g150_n1500_fixmatch_daso"])
-    if a.run_dir == b.run_dir:
-        pytest.xfail("config.yaml lists `experiment` before `_self_`, so a row's run_dir is "
-                     "overridden; pass run_dir=runs/'${experiment_name}'-seed'${seed}'")
     assert a.run_dir == "runs/cifar10_lt_g100_n500_fixmatch_daso-seed0"
+    assert b.run_dir == "runs/cifar10_lt_g150_n1500_fixmatch_daso-seed0"
 
 
 def test_run_dir_from_the_command_line():
