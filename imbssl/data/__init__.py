@@ -1,6 +1,7 @@
 """Data layer: sources -> long-tailed split -> device-resident uint8 tensors + augmenter."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ class DatasetConfig:
     num_valid_per_class: int = 0  # class-balanced validation images held out of train
     seed: int = 0
     flip: bool = False  # random horizontal flip in weak/strong views
+    image_size: int = 0  # resize every image to this square size once at load; 0 keeps it
 
 
 @dataclass
@@ -66,6 +68,7 @@ def build_data(cfg: Any, device: torch.device | str = "cpu") -> DataBundle:
     get = _getter(cfg)
     name = str(get("name"))
     src = load_source(name, _resolve_root(str(get("root"))), bool(get("download")))
+    src = resized(src, int(get("image_size")))
     k = src.num_classes
     has_extra = src.extra_unlabeled_images is not None
     try:
@@ -98,6 +101,29 @@ def build_data(cfg: Any, device: torch.device | str = "cpu") -> DataBundle:
         labeled_counts=counts.labeled, unlabeled_counts=u_counts,
         augmenter=Augmenter(mean, std, flip=bool(get("flip"))),
     )
+
+
+def resized(src: SourceData, size: int) -> SourceData:
+    """``src`` with every image resized to size x size (antialiased bilinear); 0 keeps it."""
+    if size < 0:
+        raise DataError(f"dataset.image_size must be >= 0 (0 keeps the native size), got {size}")
+    if size == 0 or src.train_images.shape[1:3] == (size, size):
+        return src
+    fields = ("train_images", "test_images", "extra_unlabeled_images")
+    changes = {f: resize_images(getattr(src, f), size) for f in fields
+               if getattr(src, f) is not None}
+    return dataclasses.replace(src, **changes)
+
+
+def resize_images(images_nhwc: np.ndarray, size: int, chunk: int = 4096) -> np.ndarray:
+    """Resize uint8 (N, H, W, C) images to (N, size, size, C), a chunk at a time."""
+    out = np.empty((len(images_nhwc), size, size, images_nhwc.shape[3]), dtype=np.uint8)
+    for start in range(0, len(images_nhwc), chunk):
+        x = torch.from_numpy(images_nhwc[start:start + chunk]).permute(0, 3, 1, 2).float()
+        y = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear",
+                                            antialias=True, align_corners=False)
+        out[start:start + chunk] = y.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    return out
 
 
 def _getter(cfg: Any):

@@ -9,7 +9,7 @@ import torch
 
 from imbssl.data import DataBundle, DatasetConfig, build_data
 from imbssl.data import sources as S
-from imbssl.data.sources import NORMALIZATION, DataError, load_source
+from imbssl.data.sources import NORMALIZATION, DataError, SourceData, load_source
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -312,3 +312,26 @@ def test_digits_config_matches_schema_defaults():
     for key in DatasetConfig.__dataclass_fields__:
         if key != "seed":
             assert raw[key] == getattr(defaults, key), key
+
+
+def test_image_size_resizes_every_split_once():
+    """dataset.image_size resizes train, test and extra unlabeled images (STL-10 -> 32x32)."""
+    import dataclasses
+
+    from imbssl.data import resized
+
+    rng = np.random.default_rng(0)
+    src = SourceData(train_images=rng.integers(0, 256, (6, 12, 12, 3), dtype=np.uint8),
+                     train_labels=np.arange(6) % 2,
+                     test_images=np.full((4, 12, 12, 3), 200, dtype=np.uint8),
+                     test_labels=np.arange(4) % 2, class_names=["a", "b"],
+                     extra_unlabeled_images=np.zeros((5, 12, 12, 3), dtype=np.uint8))
+    out = resized(src, 4)
+    assert out.train_images.shape == (6, 4, 4, 3) and out.train_images.dtype == np.uint8
+    assert out.test_images.shape == (4, 4, 4, 3) and (out.test_images == 200).all()
+    assert out.extra_unlabeled_images.shape == (5, 4, 4, 3)
+    assert (out.extra_unlabeled_images == 0).all()
+    assert resized(src, 0) is src and resized(src, 12) is src
+    assert dataclasses.asdict(out)["class_names"] == ["a", "b"]
+    with pytest.raises(DataError, match="image_size"):
+        resized(src, -1)
