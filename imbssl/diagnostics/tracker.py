@@ -54,9 +54,10 @@ class PseudoLabelTracker:
             pred = pred.detach().to(self.device, non_blocking=True).reshape(-1).long()
             self._check_length(pred, true, f"pseudo/{kind}")
             index = base + pred.clamp(0, self.num_classes - 1)
-            self._matrix(f"{kind}/all").index_add_(0, index, valid.expand_as(index))
+            known = (pred >= 0).long()  # -1: no label yet (e.g. DASO before any queue fills)
+            self._matrix(f"{kind}/all").index_add_(0, index, valid * known)
             if mask is not None:
-                self._matrix(f"{kind}/confident").index_add_(0, index, confident)
+                self._matrix(f"{kind}/confident").index_add_(0, index, confident * known)
 
     @staticmethod
     def _check_length(values: Tensor, true: Tensor, name: str) -> None:

@@ -130,3 +130,15 @@ def test_update_does_not_sync_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert tracker.flush(1)
+
+
+def test_negative_predictions_are_not_counted():
+    """A -1 pseudo-label (DASO's semantic label before any queue fills) is no class-0 vote."""
+    tracker = PseudoLabelTracker(3)
+    true = torch.tensor([0, 1, 2, 0])
+    tracker.update({"pseudo/semantic": torch.tensor([-1, 1, -1, 0]),
+                    "pseudo/mask": torch.tensor([1.0, 1.0, 1.0, 0.0])}, true)
+    conf = tracker.confusion()
+    assert conf["semantic/all"].sum() == 2
+    assert conf["semantic/all"][0, 0] == 1 and conf["semantic/all"][1, 1] == 1
+    assert conf["semantic/confident"].sum() == 1
