@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from imbssl.algorithms import register
 from imbssl.algorithms.base import Algorithm, AlgorithmConfig, Batch, StepState, forward_all
 from imbssl.algorithms.ops import fp32, one_hot, soft_cross_entropy
+from imbssl.engine.distributed import all_gather_cat
 from imbssl.pseudo.base import add_extra_loss, hard_labels
 from imbssl.pseudo.dist_align import build_dist_align
 
@@ -95,10 +96,12 @@ class SimMatch(Algorithm):
 
     @torch.no_grad()
     def update_bank(self, batch: Batch, ema_model: nn.Module) -> None:
-        """Write the EMA model's L2-normalised embeddings of the labeled batch at idx_lb."""
+        """Write the EMA model's L2-normalised embeddings of the labeled batch at idx_lb
+        (of every rank's share of the batch when training runs in several processes)."""
         emb = ema_model.heads["projection"](ema_model(batch.x_lb).features)
-        idx = batch.idx_lb.to(self.bank.device).long()
-        self.bank.index_copy_(0, idx, F.normalize(emb.float(), dim=-1))
+        emb = all_gather_cat(F.normalize(emb.float(), dim=-1))
+        idx = all_gather_cat(batch.idx_lb).to(self.bank.device).long()
+        self.bank.index_copy_(0, idx, emb)
         self.bank_filled.index_fill_(0, idx, True)
 
     def similarities(self, emb: Tensor) -> Tensor:

@@ -10,7 +10,6 @@ the real command line under ``torchrun``.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -38,14 +37,8 @@ CONFIGS = {
 }
 
 
-def _simmatch_gathers_its_bank() -> bool:
-    import imbssl.algorithms.simmatch as simmatch
-
-    return "all_gather_cat" in inspect.getsource(simmatch)
-
-
-if _simmatch_gathers_its_bank():  # the labeled bank is cross-process state: checked once wired
-    CONFIGS["simmatch"] = ["algorithm=simmatch", "pseudo=none", "algorithm.dist_align_window=3"]
+# the labeled memory bank is cross-process state (gathered before every write)
+CONFIGS["simmatch"] = ["algorithm=simmatch", "pseudo=none", "algorithm.dist_align_window=3"]
 
 WORKER = textwrap.dedent("""
     import sys
