@@ -141,13 +141,18 @@ def all_gather_cat(t: Tensor) -> Tensor:
     return out
 
 
-def all_reduce_sum(t: Tensor) -> Tensor:
-    """The element-wise sum over ranks (a new tensor; ``t`` itself for one process)."""
+def _all_reduce(t: Tensor, op) -> Tensor:
+    """``op`` over ranks, element-wise, into a new tensor (``t`` itself for one process)."""
     if not is_distributed():
         return t
     out = t.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    dist.all_reduce(out, op=op)
     return out
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """The element-wise sum over ranks (a new tensor; ``t`` itself for one process)."""
+    return _all_reduce(t, dist.ReduceOp.SUM)
 
 
 def all_reduce_mean(t: Tensor) -> Tensor:
@@ -159,11 +164,8 @@ def all_reduce_mean(t: Tensor) -> Tensor:
 
 
 def all_reduce_min(t: Tensor) -> Tensor:
-    if not is_distributed():
-        return t
-    out = t.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MIN)
-    return out
+    """The element-wise minimum over ranks (a new tensor; ``t`` itself for one process)."""
+    return _all_reduce(t, dist.ReduceOp.MIN)
 
 
 def shard(n: int) -> slice:
