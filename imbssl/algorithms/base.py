@@ -77,6 +77,11 @@ class Algorithm(nn.Module):
         self.register_buffer("labeled_prior", counts / counts.sum().clamp_min(1.0),
                              persistent=False)
         self.refiner = refiner if refiner is not None else IdentityRefiner()
+        if not self.unlabeled_views and type(self.refiner) is not IdentityRefiner:
+            from imbssl.errors import UserError
+
+            raise UserError(f"algorithm={cfg.name} trains on labeled data only, so a "
+                            "pseudo-label refiner does not apply; add pseudo=none")
 
     @classmethod
     def make_heads(cls, cfg: AlgorithmConfig, feat_dim: int,

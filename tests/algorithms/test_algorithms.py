@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from imbssl.algorithms import StepState, ops, registry
+from imbssl.errors import UserError
 from imbssl.pseudo import IdentityRefiner
 
 from .conftest import BATCH, NUM_CLASSES, StubRefiner, make_batch, make_setup, train_steps
@@ -25,6 +26,10 @@ def test_registry_has_all():
 @pytest.mark.parametrize("use_stub", [False, True], ids=["identity", "stub"])
 def test_two_steps_finite(name, use_stub):
     refiner = StubRefiner() if use_stub else None
+    if use_stub and name == "supervised":
+        with pytest.raises(UserError, match="add pseudo=none"):  # labeled data only: no refiner
+            make_setup(name, refiner)
+        return
     algo, model, ema, opt, labels = make_setup(name, refiner)
     before = [p.detach().clone() for p in model.parameters()]
     results = train_steps(algo, model, ema, opt, labels)
@@ -139,7 +144,7 @@ def test_composes_with_real_daso(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_step_under_bf16_autocast(name):
-    algo, model, ema, opt, labels = make_setup(name, StubRefiner())
+    algo, model, ema, opt, labels = make_setup(name, StubRefiner() if name in SSL else None)
     batch = make_batch(algo, labels)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, logs = algo.step(batch, StepState(3, 10, model, ema.model))
