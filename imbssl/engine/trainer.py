@@ -160,6 +160,26 @@ class Trainer:
                 raise
             raise DataError(f"{exc}; lower dataset.n1 / dataset.m1 (or raise dataset.gamma_l "
                             "/ dataset.gamma_u) to fit the data") from None
+        self._build_network(algo_cls, algo_cfg, pseudo_cfg)
+        self._build_streams(uratio, int(cfg.seed))
+        self.precision = self._precision()
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=self.precision == torch.float16)
+        self.tracker = PseudoLabelTracker(self.data.num_classes, self.device)
+        self.log: RunLog | None = None  # created by run(): nothing is written before
+        self.step_count = 0
+        self.eval_history: dict[str, list[float]] = {}
+        self._acc: dict[tuple[str, ...], _Accumulator] = {}
+        self._last_test: dict | None = None
+        self._last_eval_step = -1
+        self._resumed_from: Path | None = None
+        self._resumed_at = 0
+        self._prepared = False
+        self._tb = None
+        self._start_rng = rng_state()  # run() starts from here whatever ran in between
+
+    def _build_network(self, algo_cls, algo_cfg, pseudo_cfg) -> None:
+        """Model (+ the algorithm's heads), EMA copy, algorithm with its refiner, optimizer."""
         k = self.data.num_classes
         model = build_model(self.mcfg.name, k, self.data.image_shape[0], norm=self.mcfg.norm)
         model.heads.update(algo_cls.make_heads(algo_cfg, model.feat_dim, k))
@@ -184,29 +204,16 @@ class Trainer:
         self.forward_model = (torch.compile(self.model) if self.tcfg.compile or self.mcfg.compile
                               else self.model)
 
-        # the same seeded streams and augmentation generator on every process: each draws
-        # the global batch and keeps its share (see imbssl/engine/distributed.py)
+    def _build_streams(self, uratio: int, seed: int) -> None:
+        """Seeded labeled/unlabeled batch streams and the augmentation generator. Every process
+        gets the same ones: each draws the global batch and keeps its share
+        (see imbssl/engine/distributed.py)."""
         bs = self.tcfg.batch_size
-        self.labeled_stream = BatchStream(self.data.labeled, bs, cfg.seed * 1000 + 1, self.device)
-        self.unlabeled_stream = BatchStream(self.data.unlabeled, bs * uratio,
-                                            cfg.seed * 1000 + 2, self.device)
+        self.labeled_stream = BatchStream(self.data.labeled, bs, seed * 1000 + 1, self.device)
+        self.unlabeled_stream = BatchStream(self.data.unlabeled, bs * uratio, seed * 1000 + 2,
+                                            self.device)
         self.aug_gen = torch.Generator(device=self.device)
-        self.aug_gen.manual_seed(cfg.seed * 1000 + 3)
-        self.precision = self._precision()
-        self.scaler = torch.amp.GradScaler(self.device.type,
-                                           enabled=self.precision == torch.float16)
-        self.tracker = PseudoLabelTracker(k, self.device)
-        self.log: RunLog | None = None  # created by run(): nothing is written before
-        self.step_count = 0
-        self.eval_history: dict[str, list[float]] = {}
-        self._acc: dict[tuple[str, ...], _Accumulator] = {}
-        self._last_test: dict | None = None
-        self._last_eval_step = -1
-        self._resumed_from: Path | None = None
-        self._resumed_at = 0
-        self._prepared = False
-        self._tb = None
-        self._start_rng = rng_state()  # run() starts from here whatever ran in between
+        self.aug_gen.manual_seed(seed * 1000 + 3)
 
     # ----------------------------------------------------------------- setup helpers
     @staticmethod
