@@ -51,11 +51,6 @@ class TrainerConfig:
 
 
 @dataclass
-class PseudoNoneConfig:
-    name: str = "none"
-
-
-@dataclass
 class Config:
     dataset: Any = MISSING
     algorithm: Any = MISSING
@@ -75,7 +70,7 @@ class Config:
 def register_configs() -> None:
     """Store every schema in Hydra's ConfigStore (idempotent)."""
     from imbssl.algorithms import registry
-    from imbssl.pseudo.daso import DASOConfig
+    from imbssl.pseudo import REFINER_CONFIGS
 
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
@@ -83,8 +78,8 @@ def register_configs() -> None:
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="optim", name="optim_schema", node=OptimConfig)
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
-    cs.store(group="pseudo", name="none_schema", node=PseudoNoneConfig)
-    cs.store(group="pseudo", name="daso_schema", node=DASOConfig)
+    for name, schema in REFINER_CONFIGS.items():
+        cs.store(group="pseudo", name=f"{name}_schema", node=schema)
     for name, cls in registry().items():
         cs.store(group="algorithm", name=f"{name}_schema", node=cls.Config)
 

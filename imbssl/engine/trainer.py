@@ -52,7 +52,7 @@ from imbssl.engine.checkpoint import (
     remove_partial,
     save_checkpoint,
 )
-from imbssl.engine.config import OptimConfig, PseudoNoneConfig, TrainerConfig, typed
+from imbssl.engine.config import OptimConfig, TrainerConfig, typed
 from imbssl.engine.evaluate import confusion_matrix
 from imbssl.engine.rng import rng_state, seed_everything, set_rng_state
 from imbssl.engine.run_dir import (
@@ -64,9 +64,9 @@ from imbssl.engine.run_dir import (
     write_meta,
 )
 from imbssl.engine.validation import check_all
-from imbssl.errors import UnknownNameError, UserError
+from imbssl.errors import UserError
 from imbssl.models import EMA, ModelConfig, build_model
-from imbssl.pseudo import build_refiner
+from imbssl.pseudo import build_refiner, refiner_config
 
 CHECKPOINT_FORMAT = 2
 NEVER = 2**62  # "no non-finite value yet" in the first-bad-step accumulators
@@ -220,14 +220,8 @@ class Trainer:
     def _pseudo_config(cfg: DictConfig):
         node = cfg.get("pseudo")
         name = "none" if node is None else str(node.get("name", "none"))
-        if name == "none":
-            return PseudoNoneConfig()
-        if name == "daso":
-            from imbssl.pseudo.daso import DASOConfig
-
-            return typed(cfg, "pseudo", DASOConfig)
-        raise UnknownNameError(f"unknown pseudo-label refiner {name!r} (pseudo.name={name}); "
-                               "choose none or daso")
+        schema = refiner_config(name)
+        return schema() if node is None else typed(cfg, "pseudo", schema)
 
     def _precision(self) -> torch.dtype:
         name = self.tcfg.precision

@@ -1,20 +1,40 @@
 """Pseudo-label refiners (DASO) and distribution alignment."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from imbssl.errors import UnknownNameError
 from imbssl.pseudo.base import IdentityRefiner
+from imbssl.pseudo.daso import DASO, DASOConfig
+
+
+@dataclass
+class NoRefinerConfig:
+    """Schema of ``pseudo=none``: pseudo-labels from the classifier alone."""
+
+    name: str = "none"
+
+
+#: refiner name -> config schema (``pseudo/<name>_schema`` in Hydra's ConfigStore)
+REFINER_CONFIGS: dict[str, type] = {"none": NoRefinerConfig, "daso": DASOConfig}
+
+
+def refiner_config(name: str) -> type:
+    """The config schema of the refiner ``name``."""
+    if name not in REFINER_CONFIGS:
+        raise UnknownNameError(f"unknown pseudo-label refiner {name!r} (pseudo.name={name}); "
+                               f"choose one of {sorted(REFINER_CONFIGS)}")
+    return REFINER_CONFIGS[name]
 
 
 def build_refiner(cfg, num_classes: int, feat_dim: int):
     """The refiner named by ``cfg.name`` (``none`` or ``daso``)."""
     name = getattr(cfg, "name", "none") if cfg is not None else "none"
-    if name == "none":
-        return IdentityRefiner()
+    refiner_config(name)
     if name == "daso":
-        from imbssl.pseudo.daso import DASO
-
         return DASO.from_config(cfg, num_classes, feat_dim)
-    raise UnknownNameError(f"unknown pseudo-label refiner {name!r}; choose 'none' or 'daso'")
+    return IdentityRefiner()
 
 
-__all__ = ["IdentityRefiner", "build_refiner"]
+__all__ = ["REFINER_CONFIGS", "IdentityRefiner", "NoRefinerConfig", "build_refiner",
+           "refiner_config"]
