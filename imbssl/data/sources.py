@@ -6,7 +6,6 @@ scikit-learn's 8x8 digits (embedded, no download) and a user image folder (cache
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from imbssl.errors import UserError
+from imbssl.fileio import atomic_open
 
 # Per-dataset channel mean/std in [0, 1] units.
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -309,9 +309,7 @@ def _read_cache(path: Path, fingerprint: str) -> SourceData | None:
 
 def _write_cache(path: Path, fingerprint: str, src: SourceData) -> None:
     """Write the decoded arrays atomically next to the images."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_open(path) as f:
         np.savez(f, fingerprint=np.array(fingerprint), class_names=np.array(src.class_names),
                  train_images=src.train_images, train_labels=src.train_labels,
                  test_images=src.test_images, test_labels=src.test_labels)
-    os.replace(tmp, path)

@@ -12,7 +12,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from imbssl.diagnostics.metrics import PER_CLASS_COLUMNS, median_of_last
+from imbssl.fileio import atomic_open
 
 METRICS_FILE = "metrics.jsonl"
 PER_CLASS_FILE = "per_class.csv"
@@ -46,20 +46,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class RunLog:
@@ -98,16 +84,15 @@ class RunLog:
     def write_json(self, name: str, obj: Any) -> Path:
         """Atomically (re)write ``name`` in the run folder as indented JSON."""
         path = self.run_dir / name
-        _atomic_write(path, json.dumps(_plain(obj), indent=2) + "\n")
+        with atomic_open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(_plain(obj), indent=2) + "\n")
         return path
 
     def write_confusion(self, confusion: Any, name: str = CONFUSION_FILE) -> Path:
         """Atomically save a confusion matrix as an int64 .npy file."""
         path = self.run_dir / name
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_open(path) as f:
             np.save(f, np.asarray(_plain(confusion), dtype=np.int64))
-        os.replace(tmp, path)
         return path
 
 

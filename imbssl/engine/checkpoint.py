@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from imbssl.errors import UserError
+from imbssl.fileio import atomic_open
 
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
 _TMP = re.compile(r"^\.ckpt_\d+\.pt\.tmp-\d+$")
@@ -22,16 +23,8 @@ _TMP = re.compile(r"^\.ckpt_\d+\.pt\.tmp-\d+$")
 def save_atomic(obj: dict, path: Path) -> None:
     """torch.save to ``path`` so that a reader never sees a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        torch.save(obj, f)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # the rename itself survives a power cut

@@ -14,6 +14,7 @@ import torch
 
 import imbssl
 from imbssl.errors import UserError
+from imbssl.fileio import atomic_open
 
 RUN_MARKERS = ("meta.json", "metrics.jsonl", "checkpoints")
 
@@ -146,16 +147,11 @@ def _rewrite_kept(path: Path, keep, header: bool = False) -> None:
     new = "".join(kept)
     if new == text:
         return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
+    with atomic_open(path, "w", encoding="utf-8", newline="") as f:
         f.write(new)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_meta(run_dir: Path, meta: dict) -> None:
     meta = {**meta, "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    tmp = run_dir / ".meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, run_dir / "meta.json")
+    with atomic_open(run_dir / "meta.json", "w", encoding="utf-8") as f:
+        f.write(json.dumps(meta, indent=2))
