@@ -92,12 +92,15 @@ class Algorithm(nn.Module):
     def step(self, batch: Batch, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
-    def feed_refiner(self, batch: Batch, state: StepState) -> None:
-        """Give the refiner the EMA model's features of the labeled batch (DASO's queues)."""
+    def feed_refiner(self, batch: Batch, state: StepState,
+                     ema_features: Tensor | None = None) -> None:
+        """Give the refiner the EMA model's features of the labeled batch (DASO's queues);
+        pass ``ema_features`` when the algorithm has computed them already."""
         if self.refiner.needs_labeled_features:
-            with torch.no_grad():
-                feats = state.ema_model(batch.x_lb).features
-            self.refiner.update_labeled(feats.float(), batch.y_lb)
+            if ema_features is None:
+                with torch.no_grad():
+                    ema_features = state.ema_model(batch.x_lb).features
+            self.refiner.update_labeled(ema_features.float(), batch.y_lb)
 
 
 def forward_all(model: nn.Module, *xs: Tensor):

@@ -95,10 +95,10 @@ class SimMatch(Algorithm):
         return {"projection": projection_head(feat_dim, cfg.proj_dim)}
 
     @torch.no_grad()
-    def update_bank(self, batch: Batch, ema_model: nn.Module) -> None:
+    def update_bank(self, batch: Batch, ema_model: nn.Module, ema_features: Tensor) -> None:
         """Write the EMA model's L2-normalised embeddings of the labeled batch at idx_lb
         (of every rank's share of the batch when training runs in several processes)."""
-        emb = ema_model.heads["projection"](ema_model(batch.x_lb).features)
+        emb = ema_model.heads["projection"](ema_features)
         emb = all_gather_cat(F.normalize(emb.float(), dim=-1))
         idx = all_gather_cat(batch.idx_lb).to(self.bank.device).long()
         self.bank.index_copy_(0, idx, emb)
@@ -112,8 +112,10 @@ class SimMatch(Algorithm):
 
     def step(self, batch: Batch, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
         cfg, model = self.cfg, state.model
-        self.feed_refiner(batch, state)
-        self.update_bank(batch, state.ema_model)
+        with torch.no_grad():  # one EMA pass feeds both the bank and the refiner
+            ema_features = state.ema_model(batch.x_lb).features
+        self.feed_refiner(batch, state, ema_features)
+        self.update_bank(batch, state.ema_model, ema_features)
         (logits_x, _), (logits_w, feats_w), (logits_s, feats_s) = forward_all(
             model, batch.x_lb, *batch.x_ulb)
         loss_x = F.cross_entropy(logits_x.float(), batch.y_lb)  # L_s

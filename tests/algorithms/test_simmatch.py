@@ -61,10 +61,10 @@ def test_bank_update_matches_ema_model():
     class _B:
         x_lb, idx_lb = batch_x, idx
 
-    algo.update_bank(_B, ema.model)
     with torch.no_grad():
-        expected = F.normalize(
-            ema.model.heads["projection"](ema.model(batch_x).features), dim=-1)
+        ema_features = ema.model(batch_x).features
+        algo.update_bank(_B, ema.model, ema_features)
+        expected = F.normalize(ema.model.heads["projection"](ema_features), dim=-1)
     assert torch.allclose(algo.bank[idx], expected, atol=1e-6)
 
 
