@@ -81,19 +81,16 @@ def tail_classes(labeled_counts: list[int], k: int = TAIL_SIZE) -> list[int]:
     return sorted(order[:k])
 
 
-def read_test_recalls(path: Path, num_classes: int) -> list[tuple[int, list[float]]]:
+def read_test_recalls(run_dir: Path, num_classes: int) -> list[tuple[int, list[float]]]:
     """(step, per-class test recall) of every evaluation, from the run folder's per_class.csv."""
-    import csv
+    from imbssl.diagnostics.logfile import read_per_class
 
-    by_step: dict[int, list[float]] = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            if (row["source"], row["kind"], row["subset"], row["metric"]) == (
-                    "test", "prediction", "all", "recall"):
-                step = int(row["step"])
-                by_step.setdefault(step, [math.nan] * num_classes)[int(row["class"])] = \
-                    float(row["value"])
-    return sorted(by_step.items())
+    df = read_per_class(run_dir)
+    df = df[(df["source"] == "test") & (df["kind"] == "prediction") & (df["subset"] == "all")
+            & (df["metric"] == "recall")]
+    table = df.pivot_table(index="step", columns="class", values="value", aggfunc="last")
+    table = table.reindex(columns=range(num_classes))
+    return [(int(step), [float(v) for v in row]) for step, row in table.iterrows()]
 
 
 def run_one(job: tuple[str, int, list[str], int]) -> dict:
@@ -113,7 +110,7 @@ def run_one(job: tuple[str, int, list[str], int]) -> dict:
     with contextlib.redirect_stdout(io.StringIO()):
         summary = trainer.run()
     seconds = time.perf_counter() - start
-    recalls = read_test_recalls(trainer.run_dir / "per_class.csv", trainer.data.num_classes)
+    recalls = read_test_recalls(trainer.run_dir, trainer.data.num_classes)
 
     tail = tail_classes(trainer.data.labeled_counts)
     tail_hist = [float(np.mean([r[c] for c in tail])) for _, r in recalls]
