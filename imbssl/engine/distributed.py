@@ -99,6 +99,21 @@ def launch_info() -> LaunchInfo | None:
                       int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def init_group(backend: str, **kwargs) -> None:
+    """``dist.init_process_group``, with ``torch.distributed.nn`` imported first.
+
+    Its functions take ``group=group.WORLD`` as a default argument, evaluated at import. The
+    import happens lazily (torch.compile, the optimizers and dynamo pull it in); after
+    ``init_process_group`` those defaults would pin the default group for the life of the
+    interpreter, so ``destroy_process_group`` could not join gloo's worker threads, and a
+    worker still dropping its last collective at interpreter exit aborts the process
+    ("terminate called without an active exception", SIGABRT).
+    """
+    import torch.distributed.nn  # noqa: F401
+
+    dist.init_process_group(backend, **kwargs)
+
+
 def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> bool:
     """Join the process group that ``torchrun`` describes in the environment.
 
@@ -111,14 +126,23 @@ def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> bool:
     use_cuda = torch.cuda.is_available() and not str(device).startswith("cpu")
     if use_cuda:
         torch.cuda.set_device(info.local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo",
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    init_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return True
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(wait_for_all: bool = True) -> None:
+    """Leave the process group; with ``wait_for_all``, only once every process has arrived.
+
+    Without that barrier a process that finishes first (process 1, while process 0 still
+    writes the report) tears its gloo connections down under a live peer, and the C++ side
+    can abort the interpreter ("terminate called without an active exception", SIGABRT).
+    After an error, pass ``wait_for_all=False``: the other processes may never arrive.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait_for_all and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- collectives
@@ -271,6 +295,6 @@ def broadcast_object(obj):
 __all__ = [
     "GradientAllReduce", "all_gather_cat", "all_reduce_mean", "all_reduce_min",
     "all_reduce_sum", "barrier", "broadcast_buffers", "broadcast_module", "broadcast_object",
-    "even_shard", "init_from_env", "is_distributed", "is_main", "launch_info", "local_rank",
+    "even_shard", "init_from_env", "init_group", "is_distributed", "is_main", "launch_info", "local_rank",
     "rank", "shard", "shutdown", "world_size",
 ]

@@ -45,18 +45,19 @@ WORKER = textwrap.dedent("""
     from pathlib import Path
 
     import torch
-    import torch.distributed as dist
     from omegaconf import OmegaConf
 
+    from imbssl.engine.distributed import init_group, shutdown
+
     rank, world, init, cfg_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank,
-                            world_size=world)
+    init_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     from imbssl.engine.trainer import Trainer
 
     for path in sorted(Path(cfg_dir).glob("*.yaml")):
         Trainer(OmegaConf.load(path)).run()
-    dist.destroy_process_group()
+    shutdown()
 """)
 
 
@@ -147,3 +148,45 @@ def test_torchrun_cli(tmp_path):
     meta = json.loads((tmp_path / "ddp" / "meta.json").read_text())
     assert meta["world_size"] == 2
     assert_same_run(tmp_path / "single", tmp_path / "ddp")
+
+
+SHUTDOWN_WORKER = textwrap.dedent("""
+    import os
+    import torch
+
+    from imbssl.engine import distributed as ddp
+
+    def threads():
+        return len(os.listdir("/proc/self/task"))
+
+    before = threads()
+    assert ddp.init_from_env("cpu")
+    import torch._dynamo  # noqa: F401  (a lazy import that used to pin the default group)
+
+    x = torch.ones(3)
+    ddp.all_gather_cat(x)
+    ddp.all_reduce_sum(x)
+    ddp.shutdown()
+    print("threads", before, threads())
+""")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_shutdown_joins_the_gloo_threads(tmp_path):
+    """After ``shutdown`` no gloo worker thread is left: one left alive at interpreter exit
+    can abort the process (SIGABRT) while it drops its last collective."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**ENV, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    procs = [subprocess.Popen([sys.executable, "-c", SHUTDOWN_WORKER],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out[-3000:]
+        before, after = (int(v) for v in out.split("threads")[-1].split())
+        assert after == before, out[-3000:]
