@@ -152,6 +152,8 @@ def test_torchrun_cli(tmp_path):
 
 SHUTDOWN_WORKER = textwrap.dedent("""
     import os
+    import time
+
     import torch
 
     from imbssl.engine import distributed as ddp
@@ -167,6 +169,9 @@ SHUTDOWN_WORKER = textwrap.dedent("""
     ddp.all_gather_cat(x)
     ddp.all_reduce_sum(x)
     ddp.shutdown()
+    deadline = time.monotonic() + 5.0  # a thread that was joined may take a moment to vanish
+    while threads() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
     print("threads", before, threads())
 """)
 
