@@ -152,17 +152,14 @@ def train(args: list[str], debug: bool) -> int:
                                      "--shell-completion", "-p", "--package"))
                        for a in args):
         return _hydra_train(args, debug)  # sweeps: every job builds (and checks) its own
-    finished = False
     try:
         cfg, trainer = _build(args)
         if ddp.is_main():  # Hydra (config copy, job log) for process 0 only
-            _hydra_train(args, debug, trainer)
-        else:
-            _run_task(cfg, trainer, debug)
-        finished = True
+            return _hydra_train(args, debug, trainer)
+        _run_task(cfg, trainer, debug)
         return 0
     finally:
-        ddp.shutdown(wait_for_all=finished)
+        ddp.shutdown()
 
 
 def evaluate(args: list[str]) -> int:

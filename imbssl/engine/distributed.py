@@ -130,19 +130,9 @@ def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> bool:
     return True
 
 
-def shutdown(wait_for_all: bool = True) -> None:
-    """Leave the process group; with ``wait_for_all``, only once every process has arrived.
-
-    Without that barrier a process that finishes first (process 1, while process 0 still
-    writes the report) tears its gloo connections down under a live peer, and the C++ side
-    can abort the interpreter ("terminate called without an active exception", SIGABRT).
-    After an error, pass ``wait_for_all=False``: the other processes may never arrive.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    if wait_for_all and dist.get_world_size() > 1:
-        dist.barrier()
-    dist.destroy_process_group()
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- collectives
@@ -295,6 +285,6 @@ def broadcast_object(obj):
 __all__ = [
     "GradientAllReduce", "all_gather_cat", "all_reduce_mean", "all_reduce_min",
     "all_reduce_sum", "barrier", "broadcast_buffers", "broadcast_module", "broadcast_object",
-    "even_shard", "init_from_env", "init_group", "is_distributed", "is_main", "launch_info", "local_rank",
-    "rank", "shard", "shutdown", "world_size",
+    "even_shard", "init_from_env", "init_group", "is_distributed", "is_main", "launch_info",
+    "local_rank", "rank", "shard", "shutdown", "world_size",
 ]
