@@ -148,6 +148,7 @@ def render(s: Setting, algo: str, daso: bool) -> tuple[str, str]:
              f"  - override /dataset: {s.dataset}", f"  - override /algorithm: {algo}",
              f"  - override /pseudo: {'daso' if daso else 'none'}",
              "  - override /model: wrn28_2", "  - override /trainer: daso_protocol",
+             "  - override /recipe: daso_official",
              "dataset:", f"  n1: {s.n1}"]
     if s.dataset == "stl10":
         lines.append(f"  gamma_l: {s.gamma_l}")
@@ -166,14 +167,61 @@ def render(s: Setting, algo: str, daso: bool) -> tuple[str, str]:
     return name, "\n".join(lines) + "\n"
 
 
+# CPU mini protocol (configs/experiment/mini/): the DASO paper's CIFAR-10-LT settings at
+# gamma 100, N1 1500, M1 3000 (consistent, uniform, reversed) with WRN-16-1 for 2000 iterations
+# at labeled batch 32 (trainer=mini) and DASO's warm-up and m_hat window scaled to that budget
+# (pseudo=daso_mini); everything else as the paper rows, official recipe included.
+MINI_SETTINGS = [Setting("cifar10_lt", "cifar10_lt", "Table 1", 1500, 3000, 100, 100),
+                 Setting("cifar10_lt", "cifar10_lt", "Table 2", 1500, 3000, 100, 1),
+                 Setting("cifar10_lt", "cifar10_lt", "Table 2", 1500, 3000, 100, 100,
+                         reversed=True)]
+MINI_HEADER = "CPU mini protocol (docs/experiments.md) of"
+
+
+def render_mini(s: Setting, algo: str, daso: bool) -> tuple[str, str]:
+    """A mini-protocol row: the paper row's values at the mini budget and network."""
+    name = f"{s.name}_{algo}{'_daso' if daso else ''}"
+    lines = [HEADER.rstrip("\n"),
+             f"# {MINI_HEADER} {PAPER} {s.table}: {s.describe()}; {algo}{' + DASO' if daso else ''}.",
+             "defaults:", f"  - override /dataset: {s.dataset}", f"  - override /algorithm: {algo}",
+             f"  - override /pseudo: {'daso_mini' if daso else 'none'}",
+             "  - override /model: wrn16_1", "  - override /trainer: mini",
+             "  - override /recipe: daso_official",
+             "dataset:", f"  n1: {s.n1}", f"  m1: {s.m1}", f"  gamma_l: {s.gamma_l}",
+             f"  gamma_u: {s.gamma_u}", f"  reverse_unlabeled: {_yaml_value(s.reversed)}"]
+    if algo != "supervised":
+        lines.append("algorithm:")
+        lines += [f"  {k}: {_yaml_value(v)}" for k, v in algorithm_values(algo, daso, s).items()]
+    if daso:
+        rule = ("CIFAR-10 with gamma_l = gamma_u" if s.dist_temperature == 1.5
+                else "CIFAR-100, STL-10 and mismatched CIFAR-10")
+        lines += ["pseudo:", f"  dist_temperature: {s.dist_temperature}  # DASO T_dist for {rule}"]
+    lines += ["run_dir: runs/mini/${experiment_name}-seed${seed}",
+              f"experiment_name: mini_{name}"]
+    return f"mini/{name}", "\n".join(lines) + "\n"
+
+
+def mini_rows() -> dict[str, str]:
+    """Supervised once (its labeled set is the same in every setting), each SSL algorithm
+    with and without DASO in each setting."""
+    out = dict([render_mini(MINI_SETTINGS[0], "supervised", False)])
+    for s in MINI_SETTINGS:
+        for algo in ALGORITHMS:
+            for daso in (False, True):
+                name, text = render_mini(s, algo, daso)
+                out[name] = text
+    return out
+
+
 def rows() -> dict[str, str]:
-    """{file stem: YAML text} of every row."""
+    """{file stem: YAML text} of every row (mini rows under mini/)."""
     out = {}
     for s in settings():
         for algo in ALGORITHMS:
             for daso in (False, True):
                 name, text = render(s, algo, daso)
                 out[name] = text
+    out.update(mini_rows())
     return out
 
 
@@ -193,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"out of date: configs/experiment/{n}.yaml", file=sys.stderr)
         return 1 if stale else 0
     for n in stale:
+        (HERE / f"{n}.yaml").parent.mkdir(exist_ok=True)
         (HERE / f"{n}.yaml").write_text(wanted[n])
     print(f"{len(wanted)} rows, {len(stale)} written")
     return 0

@@ -28,6 +28,9 @@ class OptimConfig:
     #: constant (DASO's protocol: APPLY_SCHEDULER=False) or cosine (FixMatch: cos(7*pi*k/16K))
     schedule: str = "constant"
     warmup_iters: int = 0
+    #: which parameters weight decay applies to: all (official DASO lib/solver/build.py:
+    #: model.parameters()) | no_bias_bn (FixMatch codebases: biases and batch norm exempt)
+    decay_scope: str = "no_bias_bn"
 
 
 @dataclass

@@ -102,10 +102,12 @@ def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device):
-    """SGD (Nesterov) without weight decay on biases and batch-norm parameters (FixMatch)."""
+    """SGD (Nesterov); weight decay on every parameter (``decay_scope=all``, official DASO) or
+    not on biases and batch-norm parameters (``no_bias_bn``, FixMatch codebases)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 or "bn" in name else decay).append(p)
+        exempt = cfg.decay_scope == "no_bias_bn" and (p.ndim <= 1 or "bn" in name)
+        (no_decay if exempt else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
@@ -181,15 +183,18 @@ class Trainer:
     def _build_network(self, algo_cls, algo_cfg, pseudo_cfg) -> None:
         """Model (+ the algorithm's heads), EMA copy, algorithm with its refiner, optimizer."""
         k = self.data.num_classes
-        model = build_model(self.mcfg.name, k, self.data.image_shape[0], norm=self.mcfg.norm)
+        model = build_model(self.mcfg.name, k, self.data.image_shape[0], norm=self.mcfg.norm,
+                            bn_momentum=self.mcfg.bn_momentum,
+                            wrn_residual=self.mcfg.wrn_residual)
         model.heads.update(algo_cls.make_heads(algo_cfg, model.feat_dim, k))
         if self.tcfg.sync_bn and self.world > 1:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(self.device)
-        if self.device.type == "cuda" and self.mcfg.channels_last:
+        if self.mcfg.channels_last:  # faster convolutions on CUDA and on the CPU (oneDNN)
             self.model.to(memory_format=torch.channels_last)
         ddp.broadcast_module(self.model)  # replicas start equal (they are seeded alike anyway)
-        self.ema = EMA(self.model, self.mcfg.ema_decay)
+        self.ema = EMA(self.model, self.mcfg.ema_decay, warmup=self.mcfg.ema_warmup,
+                       buffers=self.mcfg.ema_buffers, train_mode=self.mcfg.ema_train_mode)
         try:
             refiner = build_refiner(pseudo_cfg, k, self.model.feat_dim)
             self.algo = algo_cls(algo_cfg, k, self.model.feat_dim, self.data.labeled.labels,
@@ -235,7 +240,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.precision)
 
     def _prepare(self, x: Tensor) -> Tensor:
-        if self.device.type == "cuda" and self.mcfg.channels_last:
+        if self.mcfg.channels_last:
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
@@ -274,7 +279,9 @@ class Trainer:
         self.scaler.update()
         if self.world > 1 and not self.tcfg.sync_bn:
             ddp.broadcast_buffers(self.model)
-        self.ema.update(self.model)
+        self.ema.update(self.model, step)
+        if self.world > 1 and self.ema.model.training:  # its own forward moved its BN stats
+            ddp.broadcast_buffers(self.ema.model)
         self._accumulate(loss, logs, y_ulb)
         self.step_count += 1
 

@@ -116,6 +116,8 @@ def check_optim(o: Any) -> None:
         (o.schedule in ("constant", "cosine"), "optim.schedule", o.schedule,
          "constant or cosine"),
         (o.warmup_iters >= 0, "optim.warmup_iters", o.warmup_iters, ">= 0"),
+        (o.decay_scope in ("all", "no_bias_bn"), "optim.decay_scope", o.decay_scope,
+         "all or no_bias_bn"),
     ])
 
 
@@ -125,7 +127,13 @@ def check_model(m: Any) -> None:
     if m.name not in MODEL_NAMES:
         raise UserError(f"unknown model {m.name!r} (model.name={m.name}); choose one of "
                         f"{', '.join(MODEL_NAMES)}")
-    _checks([(0 <= m.ema_decay < 1, "model.ema_decay", m.ema_decay, "in [0, 1)")])
+    _checks([(0 <= m.ema_decay < 1, "model.ema_decay", m.ema_decay, "in [0, 1)"),
+             (m.bn_momentum is None or 0 <= m.bn_momentum <= 1, "model.bn_momentum",
+              m.bn_momentum, "in [0, 1] or null"),
+             (m.wrn_residual in ("official", "port"), "model.wrn_residual", m.wrn_residual,
+              "official or port"),
+             (m.ema_buffers in ("copy", "average"), "model.ema_buffers", m.ema_buffers,
+              "copy or average")])
     choices = NORM_CHOICES.get(m.name, ("batch",))
     if m.norm not in choices:
         raise fail("model.norm", m.norm, f"one of {', '.join(choices)} for model={m.name}")
