@@ -154,6 +154,24 @@ def method_of(cfg: dict) -> str:
         else f"{algo}+{cfg['pseudo']['name']}"
 
 
+def recipe_of(cfg: dict) -> str:
+    """The configs/recipe/ file whose every value the run's config has; a key the run's config
+    lacks (a switch added after the run) is named: "daso_official without dataset.x".
+    "custom" when no recipe matches."""
+    for path in sorted((ROOT / "configs" / "recipe").glob("*.yaml")):
+        pairs = [(f"{g}.{k}", (cfg.get(g) or {}).get(k, _MISSING), v)
+                 for g, values in _read_yaml(path).items() for k, v in values.items()]
+        absent = [key for key, have, _ in pairs if have is _MISSING]
+        if len(absent) == len(pairs):
+            continue
+        if all(have in (want, _MISSING) for _, have, want in pairs):
+            return path.stem + (f" without {', '.join(absent)}" if absent else "")
+    return "custom"
+
+
+_MISSING = object()
+
+
 def tail_classes(labeled_counts: list[int], k: int = TAIL_SIZE) -> list[int]:
     """The k classes with the fewest labeled images (ties: the later class first)."""
     order = sorted(range(len(labeled_counts)), key=lambda c: (labeled_counts[c], -c))
@@ -184,6 +202,7 @@ def read_record(run_dir: Path) -> dict | None:
     recall = _last_step_values(pc, "test", "prediction", "recall")
     rec = {
         "run": run_dir.name, "setting": setting_of(cfg), "method": method_of(cfg),
+        "recipe": recipe_of(cfg),
         "seed": int(cfg.get("seed", 0)), "commit": meta.get("git_commit") or meta.get("commit"),
         "experiment": cfg.get("experiment_name"), "iterations": summary.get("step"),
         "summary_last": n,
@@ -228,9 +247,12 @@ def fmt(values: list[float | None], scale: float = 100.0) -> str:
 
 
 def group(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Records by (setting, method); a recipe other than daso_official is part of the method."""
     out: dict[tuple[str, str], list[dict]] = {}
     for r in records:
-        out.setdefault((r["setting"], r["method"]), []).append(r)
+        method = r["method"] if r.get("recipe", "daso_official") == "daso_official" \
+            else f"{r['method']} [{r['recipe']}]"
+        out.setdefault((r["setting"], method), []).append(r)
     return out
 
 
@@ -239,10 +261,10 @@ SETTING_ORDER = ["consistent", "uniform", "reversed"]
 
 def _order(key: tuple[str, str]) -> tuple:
     setting, method = key
-    algo, _, daso = method.partition("+")
+    algo, _, daso = method.split(" ")[0].partition("+")
     algos = ["supervised", "fixmatch", "remixmatch", "mixmatch", "simmatch"]
     return (SETTING_ORDER.index(setting) if setting in SETTING_ORDER else -1,
-            algos.index(algo) if algo in algos else 99, bool(daso))
+            algos.index(algo) if algo in algos else 99, bool(daso), method)
 
 
 def main_table(records: list[dict]) -> list[str]:
@@ -278,9 +300,10 @@ def per_class_table(records: list[dict], field: str) -> list[str]:
 
 
 def runs_table(records: list[dict]) -> list[str]:
-    lines = ["| run | experiment | seed | commit | iterations |", "|---|---|---|---|---|"]
+    lines = ["| run | experiment | recipe | seed | commit | iterations |",
+             "|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: r["run"]):
-        lines.append(f"| {r['run']} | {r['experiment']} | {r['seed']} | "
+        lines.append(f"| {r['run']} | {r['experiment']} | {r.get('recipe')} | {r['seed']} | "
                      f"{(r['commit'] or '?')[:10]} | {r['iterations']} |")
     return lines
 
@@ -329,6 +352,8 @@ def write_outputs(records: list[dict], missing: list[Job], out: Path, stem: str)
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", type=Path, default=ROOT / "analysis/results/cifar10_lt_mini_runs")
+    p.add_argument("--compare-runs", type=Path, action="append", default=[], metavar="DIR",
+                   help="more run folders for the tables only (e.g. another recipe's runs)")
     p.add_argument("--out", type=Path, default=ROOT / "analysis/results")
     p.add_argument("--stem", default="cifar10_lt_mini")
     p.add_argument("--aggregate", action="store_true", help="tables only, train nothing")
@@ -346,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("PYTHONUNBUFFERED", "1")
         run_matrix(jobs, args.runs, args.max_runs, args.set)
     records = read_records(args.runs)
+    for extra in args.compare_runs:
+        records += read_records(extra)
     missing = [j for j in jobs if run_state(args.runs / j.name) != "finished"]
     write_outputs(records, missing, args.out, args.stem)
     print(f"{len(records)} finished runs -> {args.out / (args.stem + '.md')}")

@@ -23,8 +23,10 @@ COMMON = [f"trainer.iterations={ITERS}", "trainer.batch_size=8", "trainer.eval_i
           "trainer.deterministic=true", "dataset.n1=30", "dataset.m1=60"]
 CASES = {
     # DASO active from step 2, m_hat recomputed every 3 steps (a window is half full at every
-    # checkpoint), queues of 8 per class wrap around
-    "fixmatch_daso": ["algorithm=fixmatch", "pseudo=daso", "pseudo.warmup_iters=2",
+    # checkpoint), queues of 8 per class wrap around; the official DASO recipe (EMA warm-up,
+    # averaged buffers, EMA network in train mode)
+    "fixmatch_daso": ["algorithm=fixmatch", "pseudo=daso", "recipe=daso_official",
+                      "pseudo.warmup_iters=2",
                       "pseudo.dist_window=3", "pseudo.queue_size=8", "algorithm.threshold=0.5"],
     # labeled bank + distribution alignment over a 3-batch window
     "simmatch": ["algorithm=simmatch", "pseudo=none", "algorithm.dist_align_window=3",
