@@ -52,6 +52,7 @@ def test_mini_row_values(row):
     assert cfg.model.bn_momentum == 0.1 and cfg.model.ema_train_mode and cfg.model.ema_warmup
     assert cfg.model.ema_buffers == "average" and cfg.optim.decay_scope == "all"
     assert cfg.optim.lr == 0.03 and cfg.trainer.precision == "fp32"
+    assert cfg.dataset.geometric_fill == 0
     name = row.split("/")[1]
     assert cfg.experiment_name == f"mini_{name}"
     uniform, reverse = "_uniform_" in name, "_reversed_" in name
@@ -98,7 +99,7 @@ def make_run(root: Path, name: str, *, method: str, setting: str, seed: int, bal
     cfg = {**yaml.safe_load((ROOT / "configs/recipe/daso_official.yaml").read_text()),
            "seed": seed, "experiment_name": f"mini_{name}",
            "dataset": {"gamma_u": 1.0 if setting == "uniform" else 100.0,
-                       "reverse_unlabeled": setting == "reversed"},
+                       "reverse_unlabeled": setting == "reversed", "geometric_fill": 0},
            "algorithm": {"name": algo}, "pseudo": {"name": "daso" if daso else "none"}}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     (run / "meta.json").write_text(json.dumps({"git_commit": "abc1234def", "seed": seed,
