@@ -2,13 +2,26 @@
 matching against a labeled memory bank, with label unfolding and aggregation (Sec. 3.3).
 
 Following the official code and USB: projection head Linear(D, D)-ReLU-Linear(D, 128) with
-L2-normalised output; the bank holds, per labeled image, the EMA model's embedding of its
-latest labeled view (updated at ``batch.idx_lb``); teacher (weak) quantities come from the
-online model's detached weak-view outputs, as in USB's CIFAR setting; aggregation is the
-code's smoothing p^ = alpha p + (1 - alpha) q^agg. Here the bank is updated with the current
-labeled batch *before* it is read, and slots not yet written are masked out, so the bank
-never holds random embeddings (the official code starts from random ones and skips the
-instance terms in the first epoch).
+L2-normalised output; the bank holds, per labeled image, the teacher's embedding of its
+latest labeled view (updated at ``batch.idx_lb``, each entry L2-normalised on its own; USB's
+CIFAR bank update normalises across the batch instead, so its entries drift off the unit
+sphere: not followed). One ``teacher`` gives both the bank entries and the weak-view
+quantities (p^w, the weak embedding):
+
+* ``teacher=online`` (default): the online model's detached outputs, USB's CIFAR setting
+  (``use_ema_teacher = False`` for CIFAR/SVHN/STL in USB's simmatch.py);
+* ``teacher=ema``: the EMA model, as the official SimMatch (ImageNet) and USB's ImageNet
+  setting; one extra EMA forward of the weak view.
+
+Aggregation is the code's smoothing p^ = alpha p + (1 - alpha) q^agg. Here the bank is
+updated with the current labeled batch *before* it is read, and slots not yet written are
+masked out, so the bank never holds random embeddings (the official code starts from random
+ones and skips the instance terms in the first epoch).
+
+Distribution alignment: SimMatch's official code and USB align to the *uniform* distribution.
+Under gamma 100 that target pushes the pseudo-labels hard toward the tail classes (a head
+image's p^w is scaled by 1 / its running mean); ``dist_align=labeled`` (the labeled class
+frequencies, ReMixMatch's target) is the alternative for long-tailed data.
 
 DASO (no SimMatch variant exists): the refiner blends the weak-view semantic probabilities
 after softmax/distribution alignment and BEFORE unfolding and aggregation. That is where
@@ -48,6 +61,7 @@ class SimMatchConfig(AlgorithmConfig):
     proj_dim: int = 128  # embedding size (SimMatch; USB proj_size)
     dist_align: str = "uniform"  # uniform | labeled | none (official --DA, USB: uniform)
     dist_align_window: int = 32  # batches in p~(y) (USB CIFAR da_len; official ImageNet: 256)
+    teacher: str = "online"  # online (USB CIFAR) | ema (official SimMatch / USB ImageNet)
 
 
 def projection_head(feat_dim: int, proj_dim: int) -> nn.Sequential:
@@ -80,9 +94,14 @@ class SimMatch(Algorithm):
     Config = SimMatchConfig
     unlabeled_views = ("weak", "strong")
 
+    TEACHERS = ("online", "ema")
+
     def __init__(self, cfg: SimMatchConfig, num_classes: int, feat_dim: int,
                  labeled_labels: Tensor, refiner=None):
         super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
+        if cfg.teacher not in self.TEACHERS:
+            raise ValueError(f"algorithm.teacher must be one of {self.TEACHERS}, "
+                             f"got {cfg.teacher!r}")
         self.dist_align = build_dist_align(cfg.dist_align, num_classes, self.labeled_prior,
                                            cfg.dist_align_window)
         n = self.num_labeled
@@ -95,10 +114,11 @@ class SimMatch(Algorithm):
         return {"projection": projection_head(feat_dim, cfg.proj_dim)}
 
     @torch.no_grad()
-    def update_bank(self, batch: Batch, ema_model: nn.Module, ema_features: Tensor) -> None:
-        """Write the EMA model's L2-normalised embeddings of the labeled batch at idx_lb
-        (of every rank's share of the batch when training runs in several processes)."""
-        emb = ema_model.heads["projection"](ema_features)
+    def update_bank(self, batch: Batch, teacher: nn.Module, features: Tensor) -> None:
+        """Write the teacher's L2-normalised embeddings of the labeled batch (its ``features``)
+        at idx_lb (of every rank's share of the batch when training runs in several
+        processes)."""
+        emb = teacher.heads["projection"](features.detach())
         emb = all_gather_cat(F.normalize(emb.float(), dim=-1))
         idx = all_gather_cat(batch.idx_lb).to(self.bank.device).long()
         self.bank.index_copy_(0, idx, emb)
@@ -112,15 +132,23 @@ class SimMatch(Algorithm):
 
     def step(self, batch: Batch, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
         cfg, model = self.cfg, state.model
-        with torch.no_grad():  # one EMA pass feeds both the bank and the refiner
-            ema_features = state.ema_model(batch.x_lb).features
-        self.feed_refiner(batch, state, ema_features)
-        self.update_bank(batch, state.ema_model, ema_features)
-        (logits_x, _), (logits_w, feats_w), (logits_s, feats_s) = forward_all(
-            model, batch.x_lb, *batch.x_ulb)
+        x_weak, x_strong = batch.x_ulb
+        if cfg.teacher == "ema":
+            with torch.no_grad():  # one EMA pass: bank, refiner queues and weak-view teacher
+                (_, feats_lb_t), (logits_w, feats_w) = forward_all(
+                    state.ema_model, batch.x_lb, x_weak)
+            self.feed_refiner(batch, state, feats_lb_t)
+            self.update_bank(batch, state.ema_model, feats_lb_t)
+            (logits_x, _), (logits_s, feats_s) = forward_all(model, batch.x_lb, x_strong)
+            teacher = state.ema_model
+        else:
+            self.feed_refiner(batch, state)  # DASO's queues: EMA features (when it has them)
+            (logits_x, feats_lb_t), (logits_w, feats_w), (logits_s, feats_s) = forward_all(
+                model, batch.x_lb, x_weak, x_strong)
+            self.update_bank(batch, model, feats_lb_t)
+            teacher = model
         loss_x = F.cross_entropy(logits_x.float(), batch.y_lb)  # L_s
-        proj = model.heads["projection"]
-        emb_s = F.normalize(proj(feats_s).float(), dim=-1)
+        emb_s = F.normalize(model.heads["projection"](feats_s).float(), dim=-1)
 
         with torch.no_grad():
             probs = torch.softmax(logits_w.detach().float(), dim=-1)  # p^w
@@ -128,7 +156,7 @@ class SimMatch(Algorithm):
             if self.dist_align is not None:
                 probs = self.dist_align(probs)
             probs = self.refiner.refine(probs, feats_w.detach(), state.step)
-            emb_w = F.normalize(proj(feats_w.detach()).float(), dim=-1)
+            emb_w = F.normalize(teacher.heads["projection"](feats_w.detach()).float(), dim=-1)
             sim_w = torch.softmax(self.similarities(emb_w), dim=-1)  # q^w (Sec. 3.2)
             bank_onehot = one_hot(self.bank_labels, self.num_classes)
             p_hat, q_hat = propagate(probs, sim_w, bank_onehot, cfg.smoothing_alpha)

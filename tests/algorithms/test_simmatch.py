@@ -4,10 +4,13 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+import pytest
+
+from imbssl.algorithms.base import StepState, forward_all
 from imbssl.algorithms.ops import one_hot
 from imbssl.algorithms.simmatch import propagate
 
-from .conftest import make_setup, train_steps
+from .conftest import make_batch, make_setup, train_steps
 
 
 def test_propagate_two_classes_golden():
@@ -37,14 +40,13 @@ def test_propagate_three_classes_golden():
     assert torch.allclose(p_hat.sum(-1), torch.ones(2))
 
 
-def test_bank_holds_ema_embeddings_of_labeled_batch():
+def test_bank_holds_unit_embeddings_of_labeled_batch():
     algo, model, ema, opt, labels = make_setup("simmatch")
     assert algo.bank.shape == (len(labels), 128)
     assert torch.equal(algo.bank_labels, labels)
     assert not bool(algo.bank_filled.any())
     (_, _, batch), = train_steps(algo, model, ema, opt, labels, steps=1)
-    # the bank was written before the EMA update of this step: recompute with the old EMA
-    # weights is not possible, so check the structure: written rows are unit norm, others 0
+    # structure: written rows are unit norm, others 0 (values: the teacher test below)
     idx = batch.idx_lb
     assert bool(algo.bank_filled[idx].all())
     assert int(algo.bank_filled.sum()) == len(idx.unique())
@@ -75,3 +77,29 @@ def test_unwritten_slots_get_zero_similarity():
     sim = torch.softmax(algo.similarities(F.normalize(torch.randn(2, 128), dim=-1)), -1)
     assert torch.allclose(sim[:, 0], torch.ones(2))
     assert bool((sim[:, 1:] == 0).all())
+
+
+@pytest.mark.parametrize("teacher", ["online", "ema"])
+def test_one_teacher_writes_the_bank_and_guesses_the_weak_view(teacher):
+    """teacher=online: the bank holds the online model's embeddings of the labeled batch from
+    the joint [labeled, weak, strong] pass (USB CIFAR); teacher=ema: the EMA model's, from its
+    [labeled, weak] pass (official SimMatch). The weak-view guess comes from the same network."""
+    algo, model, ema, _, labels = make_setup("simmatch", teacher=teacher)
+    with torch.no_grad():  # make the EMA differ from the online model
+        for p in ema.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = make_batch(algo, labels)
+    _, logs = algo.step(batch, StepState(0, 10, model, ema.model))
+    net = model if teacher == "online" else ema.model
+    views = batch.x_ulb if teacher == "online" else batch.x_ulb[:1]
+    with torch.no_grad():
+        outs = forward_all(net, batch.x_lb, *views)
+        expected = F.normalize(net.heads["projection"](outs[0][1]), dim=-1)
+        linear = outs[1][0].argmax(-1)
+    assert torch.allclose(algo.bank[batch.idx_lb], expected, atol=1e-5)
+    assert torch.equal(logs["pseudo/linear"], linear)
+
+
+def test_unknown_teacher_is_refused():
+    with pytest.raises(ValueError, match="teacher"):
+        make_setup("simmatch", teacher="student")

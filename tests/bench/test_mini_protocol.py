@@ -118,6 +118,9 @@ def make_run(root: Path, name: str, *, method: str, setting: str, seed: int, bal
             lines += [f"{step},pseudo,{kind},confident,{c},c{c},recall,0.0"
                       for c in range(len(values))]
     (run / "per_class.csv").write_text("\n".join(lines) + "\n")
+    metrics = [{"step": 500, "split": "test", "top1": bal, "balanced_acc": bal - 0.1}]
+    metrics += [{"step": s, "split": "train", "mask/ratio": s / 10000} for s in (1400, 1500, 2000)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     return run
 
 
@@ -148,6 +151,19 @@ def test_records_from_run_folders(runs):
     assert recs["b-seed0"]["method"] == "fixmatch+daso"
     assert recs["b-seed0"]["pseudo_semantic_recall"] == pytest.approx([0.2] * 10)
     assert a0["commit"] == "abc1234def" and a0["recipe"] == "daso_official"
+    assert a0["bal_acc_at_500"] == pytest.approx(0.4)
+    # rows logged after step 1500 cover the last 500 iterations: only the one at step 2000
+    assert a0["mask_ratio_last"] == pytest.approx(0.2)
+
+
+def test_method_labels():
+    base = {"algorithm": {"name": "fixmatch"}}
+    assert bench.method_of({**base, "pseudo": {"name": "none"}}) == "fixmatch"
+    assert bench.method_of({**base, "pseudo": {"name": "daso", "blend": True}}) == "fixmatch+daso"
+    neutral = {"name": "daso", "blend": False, "align_weight": 0.0}
+    assert bench.method_of({**base, "pseudo": neutral}) == "fixmatch+daso(neutral)"
+    assert bench.method_of({**base, "pseudo": {"name": "daso", "blend_mode": "off",
+                                               "align_weight": 0}}) == "fixmatch+daso(neutral)"
 
 
 def test_recipe_of_names_the_recipe_and_missing_switches():
