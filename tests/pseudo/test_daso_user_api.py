@@ -100,6 +100,13 @@ def test_fixed_mode_from_the_config_group():
     GlobalHydra.instance().clear()
     with pytest.raises(Exception, match="blend_mode"):
         build_refiner(compose(["pseudo=daso", "pseudo.blend_mode=fixd"]).pseudo, 3, 2)
+    GlobalHydra.instance().clear()
+    row = compose(["experiment=cifar10_lt_g100_n500_fixmatch_daso_fixedblend"])
+    d = build_refiner(row.pseudo, num_classes=10, feat_dim=128)
+    assert (d.blend_mode, d.fixed_weight, d.warmup_iters) == ("fixed", 0.5, 5000)
+    GlobalHydra.instance().clear()
+    paper = compose(["experiment=cifar10_lt_g100_n500_fixmatch_daso"])
+    assert build_refiner(paper.pseudo, 10, 128).blend_mode == "distribution"
 
 
 # ---------------------------------------------------------------------------- precision
