@@ -221,8 +221,27 @@ def rows() -> dict[str, str]:
             for daso in (False, True):
                 name, text = render(s, algo, daso)
                 out[name] = text
+    out.update(ablation_rows())
     out.update(mini_rows())
     return out
+
+
+# ----------------------------------------------------------------------------- ablation rows
+def ablation_rows() -> dict[str, str]:
+    """DASO's fixed-weight blending ablation: the CIFAR-10-LT gamma 100, N1 500 FixMatch + DASO
+    row with one blend weight for every image instead of the distribution-aware ones."""
+    setting = next(s for s in settings() if s.name == "cifar10_lt_g100_n500")
+    base, text = render(setting, "fixmatch", True)
+    name = f"{base}_fixedblend"
+    edits = [(f"experiment_name: {base}\n", f"experiment_name: {name}\n"),
+             (f"{setting.table}: ", f"{setting.table} setting: "),
+             ("; FixMatch + DASO.\n", "; FixMatch + DASO with fixed-weight blending (ablation).\n"),
+             ("pseudo:\n", "pseudo:\n  blend_mode: fixed  # official ALGORITHM.DASO.WITH_DIST_AWARE False"
+                           "\n  fixed_weight: 0.5  # official ALGORITHM.DASO.INTERP_ALPHA\n")]
+    for old, new in edits:
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    return {name: text}
 
 
 def main(argv: list[str] | None = None) -> int:

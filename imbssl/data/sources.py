@@ -2,9 +2,15 @@
 
 Readers: CIFAR-10/100 ("python version" pickles, no md5 check), STL-10 (torchvision),
 scikit-learn's 8x8 digits (embedded, no download) and a user image folder (cached as .npz).
+
+No reader runs code from a data file: the CIFAR pickles go through a restricted unpickler
+that admits only what the format holds (dicts, lists, strings, bytes, numbers and numpy
+arrays); STL-10 is raw binary read by torchvision with ``np.fromfile``; the image-folder
+cache is read with ``allow_pickle=False``.
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import pickle
 from collections.abc import Callable
@@ -139,13 +145,48 @@ def _read_cifar_batches(folder: Path, files: list[str], label_key: str):
     return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys)
 
 
+# The only globals a CIFAR pickle refers to: numpy's array reconstruction (numpy 1 writes
+# numpy.core, numpy 2 numpy._core; protocol 5 rebuilds arrays with _frombuffer; protocol-2
+# pickles written by Python 3 store bytes through _codecs.encode). Resolved to the objects
+# this numpy uses, whatever module name the file was written with.
+_NUMPY_GLOBALS = {
+    "_reconstruct": np.ndarray((0,)).__reduce__()[0],
+    "_frombuffer": np.ndarray((0,)).__reduce_ex__(5)[0],
+    "scalar": np.float64(0).__reduce__()[0],
+    "ndarray": np.ndarray,
+    "dtype": np.dtype,
+}
+_NUMPY_MODULES = {"numpy", "numpy.core.multiarray", "numpy._core.multiarray",
+                  "numpy.core.numeric", "numpy._core.numeric"}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """The pickle names a global that a CIFAR file never holds."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only plain containers, strings, bytes, numbers and arrays."""
+
+    def find_class(self, module: str, name: str):
+        if module in _NUMPY_MODULES and name in _NUMPY_GLOBALS:
+            return _NUMPY_GLOBALS[name]
+        if (module, name) == ("_codecs", "encode"):
+            return codecs.encode
+        raise _RefusedGlobal(repr(f"{module}.{name}")[:100])
+
+
 def _read_pickle(path: Path) -> dict:
-    """Unpickle one CIFAR file (latin1); any failure becomes a one-line DataError."""
+    """Unpickle one CIFAR file (latin1) without running code from it; any failure becomes a
+    one-line DataError."""
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="latin1")
+            obj = _CifarUnpickler(f, encoding="latin1").load()
     except FileNotFoundError as exc:
         raise DataError(f"missing file {path}; the dataset folder is incomplete") from exc
+    except _RefusedGlobal as exc:
+        raise DataError(f"{path} is not a CIFAR data file: it refers to {exc}, which could "
+                        f"run code; refused without loading it. Delete it and get the dataset "
+                        f"again") from None
     except Exception as exc:  # UnpicklingError, EOFError, ValueError, ...
         msg = str(exc).splitlines()[0] if str(exc) else ""
         raise DataError(f"{path} is corrupted or truncated ({type(exc).__name__}: {msg}); "

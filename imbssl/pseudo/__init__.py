@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from imbssl.errors import UnknownNameError
 from imbssl.pseudo.base import IdentityRefiner
 from imbssl.pseudo.daso import DASO, DASOConfig
+from imbssl.pseudo.features import FeatureTap
 
 
 @dataclass
@@ -36,5 +37,5 @@ def build_refiner(cfg, num_classes: int, feat_dim: int):
     return IdentityRefiner()
 
 
-__all__ = ["REFINER_CONFIGS", "IdentityRefiner", "NoRefinerConfig", "build_refiner",
-           "refiner_config"]
+__all__ = ["DASO", "REFINER_CONFIGS", "DASOConfig", "FeatureTap", "IdentityRefiner",
+           "NoRefinerConfig", "build_refiner", "refiner_config"]

@@ -11,7 +11,9 @@ DASO refines the pseudo-label an SSL algorithm derives from its linear classifie
   linear prediction) and ``v = m_hat ** (1 / T_dist) / max(m_hat ** (1 / T_dist))``, where
   ``m_hat`` is the class histogram of the final pseudo-labels (all of them, no confidence
   filter), recomputed every ``dist_window`` steps. Classes the model over-predicts get the
-  largest share of the (less biased) semantic pseudo-label.
+  largest share of the (less biased) semantic pseudo-label. ``blend_mode="fixed"`` is the
+  paper's fixed-weight ablation (``p' = (1 - a) p + a q`` for every row, official
+  ``WITH_DIST_AWARE = False`` with ``INTERP_ALPHA = 0.5``); ``blend_mode="off"`` keeps ``p``.
 * **Semantic alignment loss.** Cross-entropy between the weak view's semantic probabilities
   (target, no gradient) and the strong view's, averaged over all unlabeled images.
 
@@ -47,6 +49,9 @@ Facts taken from the official implementation (github.com/ytaek-oh/daso):
   ``warmup_iters = 0`` means active from step 0).
 * The alignment loss is ``-sum(q_w * log_softmax(sim_strong / T_proto)) / B`` weighted by
   ``PSA_LOSS_WEIGHT = 1.0``; ``q_w`` is computed without gradient.
+* Similarities and the blend are computed in float32 (or the buffers' wider dtype) with
+  autocast off: under bf16 autocast the cosine matmul would round ``cos / T_proto`` (up to
+  20 in magnitude) to 8 mantissa bits and flip confidence-mask decisions.
 
 Unlike the official code, all state lives in buffers, so a checkpoint resumes exactly
 (queues, write pointers, ``m_hat``, the half-filled window and the step counter).
@@ -61,7 +66,12 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from imbssl.engine.distributed import all_gather_cat
+from imbssl.errors import UserError
 from imbssl.pseudo.base import IdentityRefiner
+
+#: ``blend_mode`` values: distribution-aware weights (the paper), one fixed weight for every
+#: row (the paper's ablation, official ``WITH_DIST_AWARE = False``), or no blending
+BLEND_MODES = ("distribution", "fixed", "off")
 
 
 @dataclass
@@ -74,24 +84,83 @@ class DASOConfig:
     dist_temperature: float = 1.5  # T_dist: 1.5 for CIFAR-10 with gamma_l = gamma_u, else 0.3
     warmup_iters: int = 5000       # no blending / alignment loss before this step
     dist_window: int = 100         # m_hat recomputed every this many observe() calls
-    align_weight: float = 1.0      # weight of the semantic alignment loss (applied in extra_loss)
-    blend: bool = True             # False forces the blend weights v to zero
+    align_weight: float = 1.0      # weight of the semantic alignment loss
+    blend_mode: str = "distribution"  # distribution | fixed | off (see BLEND_MODES)
+    fixed_weight: float = 0.5      # the blend weight of blend_mode=fixed (official INTERP_ALPHA)
 
 
-class DASO(IdentityRefiner):
-    """DASO pseudo-label refiner; see the module docstring.
+class DASOEngineHooks(IdentityRefiner):
+    """The refiner hooks that imbssl's algorithms call (``imbssl/pseudo/base.py``).
 
-    ``align_weight`` is applied by the refiner hook ``extra_loss``; ``alignment_loss``
-    returns the unweighted loss. ``blend=False`` makes every blend weight zero, so ``blend``
-    and ``refine`` return the linear probabilities unchanged.
+    Engine-only: code outside imbssl does not call these; it uses the ``DASO`` methods
+    listed in ``DASO``'s docstring. Each hook is a composition of those methods.
     """
 
     needs_labeled_features = True
 
+    def update_labeled(self, features: Tensor, labels: Tensor) -> None:
+        """Engine hook: the EMA model's labeled features -> ``enqueue`` (all ranks)."""
+        self.enqueue(features, labels)
+
+    @torch.no_grad()
+    def refine(self, probs: Tensor, features_weak: Tensor, step: int) -> Tensor:
+        """Engine hook: ``blend(probs, semantic_probs(features_weak))`` once ``active(step)``,
+        ``probs`` unchanged before. The semantic label is always computed for the logs
+        (-1 while every queue is empty)."""
+        q = self.semantic_probs(features_weak.detach())
+        any_queued = (self.queue_len > 0).any()
+        self.last_linear = probs.argmax(dim=-1)
+        self.last_semantic = torch.where(any_queued, q.argmax(dim=-1),
+                                         torch.full_like(self.last_linear, -1))
+        refined = self.blend(probs, q) if self.active(step) else probs
+        self.last_final = refined.argmax(dim=-1)
+        return refined
+
+    def extra_loss(self, features_weak: Tensor, features_strong: Tensor,
+                   step: int) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """Engine hook: the (weighted) ``alignment_loss`` once ``active(step)``;
+        ``(None, {})`` during warm-up or when ``align_weight == 0``."""
+        if not self.active(step) or self.align_weight == 0.0:
+            return None, {}
+        loss = self.alignment_loss(features_weak, features_strong)
+        return loss, {"loss/daso_align": loss.detach()}
+
+    def pseudo_logs(self) -> dict[str, Tensor]:
+        """Engine hook: ``pseudo/semantic`` of the last ``refine`` (the algorithm logs
+        linear/final/mask)."""
+        if self.last_semantic is None:
+            return {}
+        return {"pseudo/semantic": self.last_semantic}
+
+
+class DASO(DASOEngineHooks):
+    """DASO pseudo-label refiner; see the module docstring and README.md, "DASO in your own
+    training loop".
+
+    For your own training loop (each step, in this order):
+
+    * ``enqueue(features, labels)``: the EMA model's features (N, feat_dim) of the labeled
+      batch into the class queues.
+    * ``semantic_probs(features_weak)`` -> ``q``; ``blend(p, q)`` -> the pseudo-label
+      probabilities ``p'`` to threshold, once ``active()``.
+    * ``observe(pseudo_labels)``: every final hard pseudo-label (integer (B,)).
+    * ``alignment_loss(features_weak, features_strong)``: the loss, already multiplied by
+      ``align_weight``, once ``active()``.
+    * ``active()``: False during the first ``warmup_iters`` steps (counted by ``observe``).
+
+    Under ``torch.distributed`` ``enqueue`` and ``observe`` are collectives: every rank
+    calls them every step with tensors of the same shape, and every rank ends up with the
+    same queues and ``m_hat`` (those of the global batch, in rank order).
+
+    ``update_labeled``, ``refine``, ``extra_loss`` and ``pseudo_logs`` (inherited from
+    ``DASOEngineHooks``) are imbssl's engine hooks, not for user code.
+    """
+
     def __init__(self, num_classes: int, feat_dim: int, queue_size: int = 256,
                  proto_temperature: float = 0.05, dist_temperature: float = 1.5,
                  warmup_iters: int = 5000, dist_window: int = 100, *,
-                 align_weight: float = 1.0, blend: bool = True):
+                 align_weight: float = 1.0, blend_mode: str = "distribution",
+                 fixed_weight: float = 0.5):
         super().__init__()
         _check(num_classes >= 1, "num_classes", num_classes, ">= 1")
         _check(feat_dim >= 1, "feat_dim", feat_dim, ">= 1")
@@ -101,6 +170,8 @@ class DASO(IdentityRefiner):
         _check(warmup_iters >= 0, "warmup_iters", warmup_iters, ">= 0")
         _check(dist_window >= 1, "dist_window", dist_window, ">= 1")
         _check(align_weight >= 0, "align_weight", align_weight, ">= 0")
+        _check(blend_mode in BLEND_MODES, "blend_mode", blend_mode, f"one of {BLEND_MODES}")
+        _check(0 <= fixed_weight <= 1, "fixed_weight", fixed_weight, "in [0, 1]")
 
         self.num_classes = int(num_classes)
         self.feat_dim = int(feat_dim)
@@ -110,7 +181,8 @@ class DASO(IdentityRefiner):
         self.warmup_iters = int(warmup_iters)
         self.dist_window = int(dist_window)
         self.align_weight = float(align_weight)
-        self.use_blend = bool(blend)
+        self.blend_mode = str(blend_mode)
+        self.fixed_weight = float(fixed_weight)
 
         k, q = self.num_classes, self.queue_size
         # circular per-class queues; unfilled slots stay zero
@@ -131,34 +203,34 @@ class DASO(IdentityRefiner):
     def from_config(cls, cfg: Any, num_classes: int, feat_dim: int) -> DASO:
         """Build from a ``DASOConfig`` (or any object / DictConfig with its fields)."""
         values = {f.name: getattr(cfg, f.name, f.default) for f in fields(DASOConfig)}
-        if values["name"] != "daso":
-            raise ValueError(f"DASO.from_config got a config named {values['name']!r}")
-        return cls(num_classes, feat_dim, queue_size=values["queue_size"],
-                   proto_temperature=values["proto_temperature"],
-                   dist_temperature=values["dist_temperature"],
-                   warmup_iters=values["warmup_iters"], dist_window=values["dist_window"],
-                   align_weight=values["align_weight"], blend=values["blend"])
+        if values.pop("name") != "daso":
+            raise ValueError(f"DASO.from_config got a config named {cfg.name!r}")
+        return cls(num_classes, feat_dim, **values)
 
     def extra_repr(self) -> str:
+        """The constructor arguments (printed by ``repr``)."""
         return (f"num_classes={self.num_classes}, feat_dim={self.feat_dim}, "
                 f"queue_size={self.queue_size}, proto_temperature={self.proto_temperature}, "
                 f"dist_temperature={self.dist_temperature}, warmup_iters={self.warmup_iters}, "
                 f"dist_window={self.dist_window}, align_weight={self.align_weight}, "
-                f"blend={self.use_blend}")
+                f"blend_mode={self.blend_mode!r}, fixed_weight={self.fixed_weight}")
 
     # ------------------------------------------------------------------ queues / prototypes
     @torch.no_grad()
     def enqueue(self, features: Tensor, labels: Tensor) -> None:
-        """Push labeled features (N, D) into their class queues, oldest entries dropped.
+        """Push labeled features (N, feat_dim) with integer labels (N,) into their class
+        queues, oldest entries dropped. Under ``torch.distributed`` every rank's batch is
+        queued on every rank, in rank order (a collective: every rank must call it).
 
         Vectorised: each sample's rank among the batch samples of its class gives its slot
         ``(ptr[c] + rank) % queue_size``; when a class has more than ``queue_size`` samples
         in the batch only its last ``queue_size`` are kept (the others add an exact zero to
         an already cleared slot, so duplicate indices are harmless). No host sync.
         """
-        feats = features.detach().reshape(-1, self.feat_dim)
-        feats = feats.to(self.queue.device, self.queue.dtype)
-        labels = labels.detach().to(self.queue.device).long().reshape(-1)
+        self._check_features(features, "enqueue", "features")
+        _check_labels(labels, "enqueue", "labels", len(features))
+        feats = all_gather_cat(features.detach()).to(self.queue.device, self.queue.dtype)
+        labels = all_gather_cat(labels.detach()).to(self.queue.device).long()
         k, q = self.num_classes, self.queue_size
         onehot = (labels[:, None] == torch.arange(k, device=labels.device)[None, :]).long()
         seen = onehot.cumsum(0)                              # (N, K) running count per class
@@ -189,36 +261,54 @@ class DASO(IdentityRefiner):
 
     # ------------------------------------------------------------------ semantic pseudo-label
     def semantic_logits(self, features: Tensor) -> Tensor:
-        """cos(features, prototypes) / T_proto, (B, K); gradient flows into ``features``."""
-        protos = F.normalize(self.prototypes, dim=-1)
-        z = F.normalize(features.to(protos.dtype), dim=-1)
-        return z @ protos.t() / self.proto_temperature
+        """cos(features, prototypes) / T_proto, (B, K), in float32 (autocast off);
+        gradient flows into ``features``."""
+        self._check_features(features, "semantic_logits", "features")
+        dtype = torch.promote_types(self.queue.dtype, torch.float32)
+        with torch.autocast(features.device.type, enabled=False):
+            protos = F.normalize(self.prototypes.to(dtype), dim=-1)
+            z = F.normalize(features.to(dtype), dim=-1)
+            return z @ protos.t() / self.proto_temperature
 
     def semantic_probs(self, features: Tensor) -> Tensor:
-        """Semantic pseudo-label ``softmax(cos(features, prototypes) / T_proto)``, (B, K)."""
+        """Semantic pseudo-label ``softmax(cos(features, prototypes) / T_proto)``, (B, K),
+        float32, for the features (B, feat_dim) of the current unlabeled batch."""
         return self.semantic_logits(features).softmax(dim=-1)
 
     # ------------------------------------------------------------------ blending
     def blend_weights(self) -> Tensor:
-        """v (K,): ``m_hat ** (1/T_dist)`` normalised by its max; zeros when blend is off."""
-        if not self.use_blend:
+        """v (K,), the blend weight of each linear-argmax class: ``m_hat ** (1/T_dist)``
+        normalised by its max (``distribution``), ``fixed_weight`` (``fixed``) or 0 (``off``)."""
+        if self.blend_mode == "off":
             return torch.zeros_like(self.m_hat)
+        if self.blend_mode == "fixed":
+            return torch.full_like(self.m_hat, self.fixed_weight)
         v = self.m_hat.pow(1.0 / self.dist_temperature)
         return v / v.max().clamp_min(torch.finfo(v.dtype).tiny)
 
-    def blend(self, linear_probs: Tensor, q: Tensor) -> Tensor:
-        """``(1 - v[k]) * p + v[k] * q`` with ``k = argmax p`` per row (distribution-aware)."""
-        if not self.use_blend:
-            return linear_probs
-        w = self.blend_weights()[linear_probs.argmax(dim=-1)].unsqueeze(-1).to(q.dtype)
-        return (1.0 - w) * linear_probs + w * q
+    def blend(self, linear_probs: Tensor, semantic_probs: Tensor) -> Tensor:
+        """``p' = (1 - v[k]) * p + v[k] * q`` with ``k = argmax p`` per row, in float32
+        (autocast off); ``p`` itself when ``blend_mode="off"``. Threshold ``p'``."""
+        p, q = linear_probs, semantic_probs
+        if p.ndim != 2 or p.shape[1] != self.num_classes or q.shape != p.shape:
+            raise ValueError(f"DASO.blend expects two (B, num_classes={self.num_classes}) "
+                             f"probability tensors, got {tuple(p.shape)} and {tuple(q.shape)}")
+        if self.blend_mode == "off":
+            return p
+        dtype = torch.promote_types(torch.promote_types(p.dtype, q.dtype), torch.float32)
+        with torch.autocast(p.device.type, enabled=False):
+            p, q = p.to(dtype), q.to(dtype)
+            w = self.blend_weights()[p.argmax(dim=-1)].unsqueeze(-1).to(dtype)
+            return (1.0 - w) * p + w * q
 
     @torch.no_grad()
     def observe(self, pseudo_labels: Tensor) -> None:
-        """Count this step's final pseudo-labels; every ``dist_window`` calls, m_hat becomes
-        the normalised histogram of the labels of those calls and the window restarts."""
-        # several processes: count every process's labels (identical m_hat everywhere)
-        labels = all_gather_cat(pseudo_labels.detach().reshape(-1))
+        """Count this step's final hard pseudo-labels (integer (B,), all of them, not only
+        the confident ones); every ``dist_window`` calls, m_hat becomes the normalised
+        histogram of the labels of those calls and the window restarts. Under
+        ``torch.distributed`` every rank's labels are counted (a collective)."""
+        _check_labels(pseudo_labels, "observe", "pseudo_labels", None)
+        labels = all_gather_cat(pseudo_labels.detach())
         labels = labels.to(self.window_counts.device).long()
         self.window_counts.scatter_add_(0, labels, torch.ones_like(labels))
         self.num_observed.add_(1)
@@ -231,58 +321,51 @@ class DASO(IdentityRefiner):
 
     # ------------------------------------------------------------------ alignment loss
     def alignment_loss(self, features_weak: Tensor, features_strong: Tensor) -> Tensor:
-        """Unweighted semantic alignment loss: ``mean_b H(q_weak, q_strong)``; the weak
+        """Semantic alignment loss ``align_weight * mean_b H(q_weak, q_strong)``; the weak
         target carries no gradient, the gradient flows into ``features_strong``."""
         with torch.no_grad():
             target = self.semantic_probs(features_weak.detach())
         log_q_strong = F.log_softmax(self.semantic_logits(features_strong), dim=-1)
         per_image = -(target * log_q_strong).sum(dim=-1)
-        if per_image.numel() == 0:
-            return per_image.sum()
-        return per_image.mean()
+        loss = per_image.sum() if per_image.numel() == 0 else per_image.mean()
+        return self.align_weight * loss
 
-    def active(self, step: int) -> bool:
-        """False during the warm-up iterations (0-based ``step < warmup_iters``)."""
+    def active(self, step: int | None = None) -> bool:
+        """False during the warm-up: 0-based ``step < warmup_iters``. Without ``step``, the
+        step is DASO's own checkpointed count of ``observe`` calls, so call it before this
+        step's ``observe`` (it reads a tensor: one host sync)."""
+        if step is None:
+            step = int(self.num_observed)
         return step >= self.warmup_iters
 
-    # ------------------------------------------------------------------ refiner hooks
-    def update_labeled(self, features: Tensor, labels: Tensor) -> None:
-        # several processes: queue the whole global labeled batch, in rank order, everywhere
-        self.enqueue(all_gather_cat(features.detach()), all_gather_cat(labels.detach()))
+    def _check_features(self, features: Tensor, method: str, arg: str) -> None:
+        if not isinstance(features, Tensor) or features.ndim != 2 \
+                or features.shape[1] != self.feat_dim or not features.is_floating_point():
+            raise ValueError(f"DASO.{method}: {arg} must be a float (N, feat_dim) tensor with "
+                             f"feat_dim={self.feat_dim}, got {_describe(features)}")
 
-    @torch.no_grad()
-    def refine(self, probs: Tensor, features_weak: Tensor, step: int) -> Tensor:
-        """Blend the linear probabilities with this batch's semantic pseudo-label once
-        ``active(step)``; before that return ``probs`` unchanged. The semantic label is
-        always computed for the logs (-1 while every queue is empty)."""
-        q = self.semantic_probs(features_weak.detach())
-        any_queued = (self.queue_len > 0).any()
-        self.last_linear = probs.argmax(dim=-1)
-        self.last_semantic = torch.where(any_queued, q.argmax(dim=-1),
-                                         torch.full_like(self.last_linear, -1))
-        refined = self.blend(probs, q) if self.active(step) else probs
-        self.last_final = refined.argmax(dim=-1)
-        return refined
 
-    def extra_loss(self, features_weak: Tensor, features_strong: Tensor,
-                   step: int) -> tuple[Tensor | None, dict[str, Tensor]]:
-        """``align_weight * alignment_loss`` once active; ``(None, {})`` during warm-up or
-        when ``align_weight == 0``. The log holds the weighted value."""
-        if not self.active(step) or self.align_weight == 0.0:
-            return None, {}
-        loss = self.align_weight * self.alignment_loss(features_weak, features_strong)
-        return loss, {"loss/daso_align": loss.detach()}
+def _check_labels(labels: Tensor, method: str, arg: str, n: int | None) -> None:
+    """An integer (N,) tensor of class indices; ``n``: the expected N (None: any)."""
+    ok = (isinstance(labels, Tensor) and labels.ndim == 1 and not labels.is_floating_point()
+          and not labels.is_complex() and labels.dtype != torch.bool
+          and (n is None or len(labels) == n))
+    if not ok:
+        expected = "(N,)" if n is None else f"({n},), one per feature row"
+        raise ValueError(f"DASO.{method}: {arg} must be an integer tensor of shape {expected} "
+                         f"holding class indices (e.g. probs.argmax(dim=-1)), got "
+                         f"{_describe(labels)}")
 
-    def pseudo_logs(self) -> dict[str, Tensor]:
-        """``pseudo/semantic`` of the last ``refine`` (the algorithm logs linear/final/mask)."""
-        if self.last_semantic is None:
-            return {}
-        return {"pseudo/semantic": self.last_semantic}
+
+def _describe(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"a {str(x.dtype).removeprefix('torch.')} tensor of shape {tuple(x.shape)}"
+    return f"a {type(x).__name__}"
 
 
 def _check(ok: bool, name: str, value: Any, rule: str) -> None:
     if not ok:
-        raise ValueError(f"DASO: {name} must be {rule}, got {value!r}")
+        raise UserError(f"DASO: {name} must be {rule}, got {value!r}")
 
 
-__all__ = ["DASO", "DASOConfig"]
+__all__ = ["BLEND_MODES", "DASO", "DASOConfig", "DASOEngineHooks"]

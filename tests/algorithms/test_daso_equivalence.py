@@ -1,4 +1,4 @@
-"""Issue 5 acceptance: with the blend weights forced to zero (``blend=False``) and the alignment
+"""Issue 5 acceptance: with the blend weights forced to zero (``blend_mode="off"``) and the alignment
 weight zero, X+DASO is exactly X: same losses, same pseudo-label logs, same gradients, same
 weights after several SGD steps, for the real algorithm classes and the real DASO refiner.
 
@@ -30,7 +30,7 @@ LOW_THRESHOLD = {"fixmatch": {"threshold": 0.0}, "simmatch": {"threshold": 0.0}}
 def neutral_daso(feat_dim: int, **kw) -> DASO:
     """The real DASO with blending off and alignment weight 0, active from step 0, and m_hat
     recomputed every step (so a non-zero weight would act at once)."""
-    args = dict(queue_size=4, warmup_iters=0, dist_window=1, blend=False, align_weight=0.0)
+    args = dict(queue_size=4, warmup_iters=0, dist_window=1, blend_mode="off", align_weight=0.0)
     args.update(kw)
     return DASO(NUM_CLASSES, feat_dim, **args)
 
@@ -106,7 +106,7 @@ def test_unlabeled_loss_is_not_vacuous(name):
 @pytest.mark.parametrize("name", SSL)
 def test_control_blend_on_changes_the_losses(name):
     # same setup, blending on: the pseudo-labels (hence losses) differ at some step
-    steps, _, _ = run_twins(name, daso_kw={"blend": True}, **LOW_THRESHOLD.get(name, {}))
+    steps, _, _ = run_twins(name, daso_kw={"blend_mode": "distribution"}, **LOW_THRESHOLD.get(name, {}))
     assert any(not torch.equal(s[0], s[3]) for s in steps)
     assert any(not torch.equal(s[1]["pseudo/final"], s[4]["pseudo/final"])
                or not torch.equal(s[1]["loss/unlabeled"], s[4]["loss/unlabeled"])
@@ -142,7 +142,7 @@ def _train(cfg):
 
 @pytest.mark.parametrize("name", SSL)
 def test_trainer_neutral_daso_equals_plain(tiny_cfg, tmp_path, name):
-    """End to end on digits-LT: pseudo=daso with blend=false, align_weight=0 (active from
+    """End to end on digits-LT: pseudo=daso with blend_mode=off, align_weight=0 (active from
     step 0) logs the same training losses and ends with the same weights as pseudo=none."""
     common = [f"algorithm={name}", "trainer.iterations=6", "trainer.log_interval=1",
               "trainer.eval_interval=3", "trainer.checkpoint_interval=0",
@@ -150,7 +150,7 @@ def test_trainer_neutral_daso_equals_plain(tiny_cfg, tmp_path, name):
     if name in LOW_THRESHOLD:
         common.append("algorithm.threshold=0.5")
     plain, rows_a = _train(tiny_cfg(*common, "pseudo=none", f"run_dir={tmp_path / 'a'}"))
-    daso, rows_b = _train(tiny_cfg(*common, "pseudo=daso_quick", "pseudo.blend=false",
+    daso, rows_b = _train(tiny_cfg(*common, "pseudo=daso_quick", "pseudo.blend_mode=off",
                                    "pseudo.align_weight=0", "pseudo.warmup_iters=0",
                                    "pseudo.dist_window=1", f"run_dir={tmp_path / 'b'}"))
     assert isinstance(daso.algo.refiner, DASO)

@@ -15,7 +15,7 @@ from imbssl.cli import CONFIG_DIR, compose
 EXPERIMENTS = Path(CONFIG_DIR) / "experiment"
 ROW = re.compile(r"^(?P<ds>cifar10|cifar100|stl10)_lt_g(?P<g>\d+)_n(?P<n1>\d+)"
                  r"(?:_(?P<mis>uniform|reversed))?_(?P<algo>fixmatch|remixmatch|mixmatch|simmatch)"
-                 r"(?P<daso>_daso)?$")
+                 r"(?:(?P<daso>_daso)(?P<fixed>_fixedblend)?)?$")
 DATASET = {"cifar10": "cifar10", "cifar100": "cifar100", "stl10": "stl10"}
 M1 = {("cifar10", 500): 4000, ("cifar10", 1500): 3000,
       ("cifar100", 50): 400, ("cifar100", 150): 300}
@@ -74,6 +74,7 @@ def test_every_row_matches_its_name(composed):
             t_dist = 1.5 if ds == "cifar10" and mis is None else 0.3
             assert cfg.pseudo.dist_temperature == t_dist, name
             assert cfg.pseudo.warmup_iters == 5000, name
+            assert cfg.pseudo.blend_mode == ("fixed" if m["fixed"] else "distribution"), name
         if algo == "remixmatch":
             if daso:
                 on = ds == "cifar100"  # official remixmatch_daso.yaml per dataset

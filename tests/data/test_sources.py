@@ -348,3 +348,72 @@ def test_image_size_resizes_every_split_once():
     assert dataclasses.asdict(out)["class_names"] == ["a", "b"]
     with pytest.raises(DataError, match="image_size"):
         resized(src, -1)
+
+
+# ----------------------------------------------------------------------------- safe unpickling
+
+class _RunsCode:
+    """Unpickling this calls exec(): it creates the file ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+@pytest.mark.parametrize("where", ["top", "nested"])
+def test_cifar_pickle_that_would_run_code_is_refused(cifar10_mini, tmp_path, protocol, where):
+    root = cifar10_mini[0]
+    path = root / "cifar-10-batches-py" / "data_batch_1"
+    marker = tmp_path / "code_ran"
+    evil = _RunsCode(marker)
+    obj = evil if where == "top" else {"labels": [1, evil], "data": np.zeros((2, 3072), np.uint8)}
+    path.write_bytes(pickle.dumps(obj, protocol=protocol))
+    pickle.loads(path.read_bytes())                     # the file does run code when trusted
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(DataError) as err:
+        load_source("cifar10", root)
+    msg = str(err.value)
+    assert "\n" not in msg and str(path) in msg and "refused" in msg
+    assert "builtins.exec'" in msg or "__builtin__.exec'" in msg  # protocol < 3 writes Python 2's
+    assert not marker.exists()                          # nothing ran
+
+
+def test_cifar_other_globals_are_refused(cifar10_mini):
+    root = cifar10_mini[0]
+    path = root / "cifar-10-batches-py" / "test_batch"
+    path.write_bytes(pickle.dumps({"labels": {1, 2}, "data": Path("x")}, protocol=2))
+    with pytest.raises(DataError, match=r"test_batch is not a CIFAR data file: it refers to "
+                                        r"'(__builtin__|builtins)\.set'"):
+        load_source("cifar10", root)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_cifar_pickles_of_every_protocol_and_numpy_1_names_load(cifar10_mini, protocol):
+    root, x, y, tx, ty, names = cifar10_mini
+    folder = root / "cifar-10-batches-py"
+    for path in folder.iterdir():
+        raw = pickle.dumps(pickle.loads(path.read_bytes()), protocol=protocol)
+        if protocol < 4 and path.name != "batches.meta":  # the names numpy 1 writes (and
+            assert b"numpy._core.multiarray" in raw               # the original CIFAR files)
+            raw = raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+        path.write_bytes(raw)
+    src = load_source("cifar10", root)
+    np.testing.assert_array_equal(src.train_images, x)
+    np.testing.assert_array_equal(src.train_labels, y)
+    np.testing.assert_array_equal(src.test_images, tx)
+    assert src.class_names == names
+
+
+def test_other_loaders_do_not_unpickle():
+    """The image-folder cache and checkpoints are read without pickle."""
+    import inspect
+
+    from imbssl.engine import checkpoint
+
+    assert "allow_pickle=False" in inspect.getsource(S._read_cache)
+    assert "weights_only=True" in inspect.getsource(checkpoint)
+    assert "pickle.load(" not in inspect.getsource(S)

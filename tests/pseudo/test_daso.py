@@ -133,7 +133,7 @@ def test_blend_uses_weight_of_linear_argmax():
 def test_blend_off_and_zero_weights_return_linear_probs_exactly():
     p = torch.rand(5, 3).softmax(1)
     q = torch.rand(5, 3).softmax(1)
-    d = make(num_classes=3, blend=False)
+    d = make(num_classes=3, blend_mode="off")
     assert torch.equal(d.blend(p, q), p)
     assert torch.equal(d.blend_weights(), torch.zeros(3))
     d = make(num_classes=3)
@@ -198,6 +198,8 @@ def test_alignment_loss_value_and_gradient():
     assert f_strong.grad is not None and f_strong.grad.abs().sum() > 0
     d2 = make(proto_temperature=0.5, align_weight=2.5)
     d2.load_state_dict(d.state_dict())
+    # the constructor's weight is the weight of the user-facing loss and of the engine hook
+    assert d2.alignment_loss(f_weak, f_strong).item() == pytest.approx(2.5 * expected, rel=1e-6)
     loss2, logs = d2.extra_loss(f_weak, f_strong, step=0)
     assert loss2.item() == pytest.approx(2.5 * expected, rel=1e-6)
     assert logs["loss/daso_align"].item() == pytest.approx(2.5 * expected, rel=1e-6)
@@ -269,6 +271,8 @@ def test_to_dtype_moves_all_float_state():
     (dict(warmup_iters=-1), "warmup_iters"),
     (dict(dist_window=0), "dist_window"),
     (dict(align_weight=-0.5), "align_weight"),
+    (dict(blend_mode="dist"), "blend_mode"),
+    (dict(fixed_weight=1.5), "fixed_weight"),
 ])
 def test_invalid_arguments(kw, bad):
     with pytest.raises(ValueError, match=bad):
@@ -280,16 +284,17 @@ def test_from_config_and_yaml_defaults():
 
     d = DASO.from_config(DASOConfig(), num_classes=10, feat_dim=128)
     assert (d.queue_size, d.proto_temperature, d.dist_temperature, d.warmup_iters,
-            d.dist_window, d.align_weight, d.use_blend) == (256, 0.05, 1.5, 5000, 100, 1.0, True)
+            d.dist_window, d.align_weight, d.blend_mode, d.fixed_weight) == \
+        (256, 0.05, 1.5, 5000, 100, 1.0, "distribution", 0.5)
     assert d.queue.shape == (10, 256, 128)
     yaml = OmegaConf.load(CONFIGS / "daso.yaml")
     assert list(yaml.pop("defaults")) == ["daso_schema", "_self_"]
     assert OmegaConf.to_container(yaml) == OmegaConf.to_container(OmegaConf.structured(DASOConfig))
     none = OmegaConf.load(CONFIGS / "none.yaml")
     assert list(none.pop("defaults")) == ["none_schema", "_self_"] and none.name == "none"
-    cfg = OmegaConf.merge(OmegaConf.structured(DASOConfig), {"blend": False, "dist_window": 7})
+    cfg = OmegaConf.merge(OmegaConf.structured(DASOConfig), {"blend_mode": "off", "dist_window": 7})
     d = build_refiner(cfg, num_classes=3, feat_dim=2)
-    assert isinstance(d, DASO) and not d.use_blend and d.dist_window == 7
+    assert isinstance(d, DASO) and d.blend_mode == "off" and d.dist_window == 7
     with pytest.raises(ValueError, match="named"):
         DASO.from_config(OmegaConf.create({"name": "none"}), 3, 2)
 
@@ -350,7 +355,7 @@ def test_fixmatch_step_with_neutral_daso_equals_plain():
     model = _TinyNet()
     ema = copy.deepcopy(model)
     neutral = DASO(3, 6, queue_size=4, warmup_iters=0, dist_window=1, align_weight=0.0,
-                   blend=False)
+                   blend_mode="off")
     live = DASO(3, 6, queue_size=4, warmup_iters=0, dist_window=1, dist_temperature=0.3)
     gen = torch.Generator().manual_seed(1)
     for step in range(4):
