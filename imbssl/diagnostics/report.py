@@ -115,6 +115,94 @@ def comparison_table(runs: Sequence[Run], labels: Sequence[str]) -> Table:
                                 "evaluations (DASO protocol; fewer if fewer were run).")
 
 
+IGNORED_SETTINGS = ("run_dir", "resume", "overwrite", "experiment_name", "notes", "logger",
+                    "trainer.progress", "trainer.report", "trainer.tensorboard")
+
+
+def differing_settings(runs: Sequence[Run]) -> dict[str, list[str]]:
+    """Config keys whose values differ between runs (dotted key -> one value per run). A group
+    chosen differently (e.g. pseudo=none vs pseudo=daso) is one entry, ``<group>.name``."""
+    from imbssl.diagnostics.loggers import flatten
+
+    flat = [flatten(r.config) for r in runs]
+    keys = list(dict.fromkeys(k for f in flat for k in f))
+    groups = {k.rpartition(".")[0] for k in keys if k.endswith(".name")
+              and len({short_value(f.get(k, DASH)) for f in flat}) > 1}
+    out = {}
+    for key in keys:
+        if key.startswith(IGNORED_SETTINGS) or (key.rpartition(".")[0] in groups
+                                                 and not key.endswith(".name")):
+            continue
+        values = [short_value(f.get(key, DASH)) for f in flat]
+        if len(set(values)) > 1:
+            out[key] = values
+    return out
+
+
+def settings_sentence(diff: dict[str, list[str]]) -> str:
+    """ "The runs differ in 1 setting: pseudo.name (none vs daso)." """
+    if not diff:
+        return "The runs' configs are identical (apart from run folder and logging)."
+    parts = [f"{k} ({' vs '.join(v)})" for k, v in diff.items()]
+    noun = "setting" if len(diff) == 1 else "settings"
+    return f"The runs differ in {len(diff)} {noun}: " + "; ".join(parts) + "."
+
+
+DELTA_METRICS = (("test", "prediction", "recall", "test R"),
+                 ("pseudo", "final", "recall", "pseudo R"),
+                 ("pseudo", "final", "precision", "pseudo P"))
+
+
+def delta_table(runs: Sequence[Run], labels: Sequence[str]) -> Table | None:
+    """Per class, head to tail: test recall and final pseudo-label recall/precision of the
+    first run and each other run's difference to it, in percentage points."""
+    if len(runs) < 2:
+        return None
+    headers, columns = ["class", "labeled"], []
+    for source, kind, metric, name in DELTA_METRICS:
+        wides = [_wide(r, source, kind if source == "test" else pseudo_kind(r)) for r in runs]
+        if all(w.empty for w in wides):
+            continue
+        headers.append(f"{name} {labels[0]}")
+        columns.append((wides[0], None, metric))
+        for label, wide in zip(labels[1:], wides[1:]):
+            headers.append(f"\u0394 {name} {label}")
+            columns.append((wide, wides[0], metric))
+    if not columns:
+        return None
+    lab = runs[0].labeled_counts or []
+    rows = [[runs[0].class_names[c], _at(lab, c)]
+            + [_delta(w, base, c, m) for w, base, m in columns] for c in class_order(runs[0])]
+    return Table(headers, rows, f"Classes head to tail. Values of {labels[0]} in %, \u0394 = "
+                 "other run minus it, in percentage points; test recall at each run's last "
+                 "evaluation, pseudo-labels (final) over the interval ending there.")
+
+
+def _delta(wide: pd.DataFrame, base: pd.DataFrame | None, c: int, metric: str) -> str:
+    """wide's value (base is None) or wide - base, in % / points; a dash when undefined."""
+    value = _value(wide, c, metric)
+    if base is None:
+        return pct(value)
+    ref = _value(base, c, metric)
+    return f"{100 * (value - ref):+.2f}" if finite(value) and finite(ref) else DASH
+
+
+def _value(wide: pd.DataFrame, c: int, metric: str) -> float:
+    """wide.loc[c, metric], NaN when missing or undefined (0 / 0)."""
+    text = _get(wide, c, metric, lambda v: str(float(v)))
+    return float(text) if text != DASH else float("nan")
+
+
+def text_table(table: Table) -> str:
+    """A fixed-width text rendering of a table (for the terminal)."""
+    cells = [table.headers, *table.rows]
+    widths = [max(len(str(row[i])) for row in cells) for i in range(len(table.headers))]
+    lines = ["  ".join(str(h).rjust(w) if i else str(h).ljust(w)
+                       for i, (h, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
 def metrics_table(run: Run) -> Table:
     """Final (or last) value and median of the last 20 evaluations of each metric (%)."""
     final = run.final_metrics()
@@ -200,7 +288,17 @@ def build_blocks(runs: Sequence[Run], labels: Sequence[str],
     blocks = [Block("h1", "imbssl diagnostics report"),
               Block("p", f"{len(runs)} run(s); generated {when}."),
               Block("h2", "Comparison"), Block("table", comparison_table(runs, labels))]
-    blocks += [Block("figure", f) for f in figures if f.run is None]
+    if len(runs) > 1:
+        diff = differing_settings(runs)
+        blocks.append(Block("p", settings_sentence(diff)))
+        if diff:
+            blocks.append(Block("table", Table(["setting", *labels],
+                                               [[k, *v] for k, v in diff.items()])))
+        delta = delta_table(runs, labels)
+        if delta is not None:
+            blocks += [Block("h2", "Per-class differences"), Block("table", delta)]
+    shared = [f for f in figures if f.run is None]
+    blocks += [Block("figure", f) for f in shared]
     for i, (run, label) in enumerate(zip(runs, labels)):
         rows = [[k, v] for k, v in settings(run).items()]
         blocks += [Block("h2", f"Run: {label}"),
@@ -337,6 +435,13 @@ def report_main(argv: Sequence[str] | None = None) -> int:
               f"{bad[0]}", file=sys.stderr)
         return 2
     out = args.out or (args.runs[0] / "report" if len(args.runs) == 1 else Path("report"))
+    if len(args.runs) > 1:
+        runs = [read_run(r) for r in args.runs]
+        labels = run_labels(runs)
+        print(settings_sentence(differing_settings(runs)))
+        delta = delta_table(runs, labels)
+        if delta is not None:
+            print(text_table(delta) + "\n")
     for path in build_report(args.runs, out):
         print(path)
     return 0
