@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -111,9 +112,11 @@ class TrackedRunLog(RunLog):
 
 
 def scalar_items(row: dict) -> dict[str, float]:
-    """A metrics.jsonl row's numbers keyed ``<split>/<metric>`` (step and split dropped)."""
+    """A metrics.jsonl row's numbers keyed ``<split>/<metric>`` (step and split dropped;
+    keys that already start with the split, like ``pseudo/final/...``, are kept)."""
     split = str(row.get("split", "train"))
-    return {f"{split}/{k}": float(v) for k, v in _plain(row).items()
+    return {k if k.startswith(f"{split}/") else f"{split}/{k}": float(v)
+            for k, v in _plain(row).items()
             if k not in ("step", "split") and isinstance(v, int | float)
             and not isinstance(v, bool)}
 
@@ -162,7 +165,7 @@ class WandbTracker(Tracker):
     def __init__(self, run_dir: Path, lcfg: Any, config: dict):
         wandb = _import("wandb")
         self.wandb = wandb
-        run_id = _read_ids(run_dir).get("wandb") or wandb.util.generate_id()
+        run_id = _read_ids(run_dir).get("wandb") or uuid.uuid4().hex[:8]
         settings = wandb.Settings(console="off", silent=True, x_disable_stats=True,
                                   x_save_requirements=False)
         self.run = wandb.init(project=lcfg.project, name=lcfg.run_name or run_dir.name,
