@@ -167,7 +167,7 @@ class WandbTracker(Tracker):
         self.wandb = wandb
         run_id = _read_ids(run_dir).get("wandb") or uuid.uuid4().hex[:8]
         settings = wandb.Settings(console="off", silent=True, x_disable_stats=True,
-                                  x_save_requirements=False)
+                                  disable_git=True, x_save_requirements=False)
         self.run = wandb.init(project=lcfg.project, name=lcfg.run_name or run_dir.name,
                               dir=str(run_dir), mode=lcfg.mode, config=config, id=run_id,
                               resume="allow", settings=settings)
@@ -189,6 +189,7 @@ class WandbTracker(Tracker):
             if not isinstance(value, list):
                 self.run.summary[key] = value
         self.run.finish(exit_code=0 if status == "finished" else 1)
+        self.wandb.teardown()  # waits until the run's records are on disk
         self.finished = True
 
 

@@ -48,6 +48,16 @@ figcaption { font-size: 13px; color: #555; }
 .row { display: flex; flex-wrap: wrap; gap: 32px; align-items: flex-start; }
 .status-finished { color: #1a7f37; } .status-running { color: #9a6700; }
 .status-stopped, .status-incomplete { color: #cf222e; }
+.scroll { overflow-x: auto; max-width: 100%; }
+.row > div { min-width: 0; max-width: 100%; }
+th { white-space: nowrap; }
+@media (max-width: 700px) {
+  body { margin: 12px auto; padding: 0 8px; }
+  h1 { font-size: 1.5em; }
+  figure { overflow-x: auto; }
+  figure img { max-width: none; width: 720px; }
+  .figrow figure { flex-basis: 100%; }
+}
 """
 
 
@@ -306,8 +316,7 @@ def build_blocks(runs: Sequence[Run], labels: Sequence[str],
         table = per_class_table(run)
         blocks.append(Block("table", table) if table else Block("p", "No per-class rows yet."))
         own = [f for f in figures if f.run == i]
-        if own:
-            blocks.append(Block("figrow", own))
+        blocks += [Block("figure", f) for f in own]  # full width: heatmaps are wide
     return blocks
 
 
@@ -325,7 +334,8 @@ def _html_table(table: Table) -> str:
     body = "".join(
         "<tr>" + "".join(_html_cell(c) for c in row) + "</tr>" for row in table.rows)
     caption = f'<p class="note">{html.escape(table.caption)}</p>' if table.caption else ""
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{caption}"
+    return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
+            f"</table></div>{caption}")
 
 
 def _html_cell(text: str) -> str:
@@ -360,6 +370,7 @@ def render_html(blocks: Sequence[Block]) -> str:
         else:
             parts.append(f"<{b.kind}>{html.escape(b.content)}</{b.kind}>")
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
             "<title>imbssl report</title>"
             f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
 
