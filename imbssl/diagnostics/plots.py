@@ -211,7 +211,7 @@ def plot_pseudo_heatmap(run: Run, label: str, out_dir: Path, stem: str) -> Figur
     order = [c for c in class_order(run) if c in next(iter(grids.values())).index]
     names = [t.replace("\n", " ") for t in class_tick_labels(run, order)]
     steps = max(g.shape[1] for g in grids.values())
-    width = min(18.0, max(5.5, 2.2 + 0.1 * steps) * len(grids))
+    width = min(15.0, max(4.5, 2.0 + 0.08 * steps) * len(grids))
     fig, axes = _figure(width, min(14.0, max(3.6, 1.8 + 0.3 * len(order))), 1, len(grids),
                         sharey=True)
     for i, (ax, (kind, grid)) in enumerate(zip(axes[0], grids.items())):
@@ -222,6 +222,7 @@ def plot_pseudo_heatmap(run: Run, label: str, out_dir: Path, stem: str) -> Figur
                     cbar_kws={"label": "recall"}, xticklabels="auto", yticklabels="auto")
         ax.set_title(kind, fontsize=10)
         ax.set_xlabel("iteration")
+        ax.tick_params(axis="x", labelrotation=90)  # the same on every panel
         ax.set_ylabel("class (labeled count)" if i == 0 else "")
     title = f"{label}: recall of the pseudo-labels over training"
     fig.suptitle(_wrap(title, width), fontsize=11)
