@@ -1,4 +1,5 @@
-"""Collect a Hydra multirun folder into a paper-style table (CSV, Markdown, LaTeX, plot).
+"""Collect a Hydra multirun folder into paper-style tables of accuracy and tail recall (CSV,
+Markdown, LaTeX) and both against gamma with mean ± std bands over seeds (also: imbssl compare).
 
 Usage: python analysis/collect_results.py MULTIRUN_DIR [RUN_DIR ...] [--metric test/top1]
        [--stat median_last20|final] [--out DIR]

@@ -4,6 +4,7 @@
                                          torchrun --nproc_per_node=N -m imbssl train ...)
     imbssl eval ckpt=PATH [overrides...] evaluate a checkpoint's EMA model on the test set
     imbssl report RUN [RUN ...]          HTML + Markdown report of one or several runs
+    imbssl compare SWEEP [RUN ...]       tables and accuracy / tail recall vs gamma of a sweep
     imbssl bench [options]               training-throughput benchmark
 
 A mistake in the input (config, data, run folder) is one line on stderr and exit code 2;
@@ -189,11 +190,15 @@ def main(argv: list[str] | None = None) -> int:
             from imbssl.diagnostics.report import report_main
 
             return report_main(rest)
+        if command == "compare":
+            from imbssl.diagnostics.aggregate import collect_main
+
+            return collect_main(rest, prog="imbssl compare")
         if command == "bench":
             from imbssl.bench import main as bench_main
 
             return bench_main(rest)
-        return fail(f"unknown command {command!r}; use one of train, eval, report, bench")
+        return fail(f"unknown command {command!r}; use one of train, eval, report, compare, bench")
     except user_errors() as exc:
         if debug:
             raise

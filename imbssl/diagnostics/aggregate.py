@@ -1,7 +1,9 @@
 """Paper-style tables over many runs (a Hydra multirun folder): method x imbalance setting.
 
 Each cell is the mean and sample standard deviation (ddof=1; 0 for a single run) over seeds
-of the DASO-protocol summary of a metric: the median of the last 20 evaluations, in %.
+of the DASO-protocol summary of a metric: the median of the last 20 evaluations, in %. The
+same is done for the tail recall (mean test recall of the 30% least-labeled classes), and
+both are plotted against gamma with mean ± std bands.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from imbssl.diagnostics.logfile import CONFIG_FILE, METRICS_FILE, Run, read_run, short_value
+from imbssl.diagnostics.metrics import median_of_last
 
 SETTING_KEYS = ("dataset", "n1", "m1", "gamma_l", "gamma_u", "reverse_unlabeled")
 SETTING_TEXT = {"gamma": "gamma={}", "dataset": "{}", "n1": "N1={}", "m1": "M1={}",
@@ -23,6 +26,7 @@ SETTING_TEX = {"gamma": r"$\gamma{{=}}{}$", "dataset": r"{}", "n1": r"$N_1{{=}}{
                "m1": r"$M_1{{=}}{}$", "gamma_l": r"$\gamma_l{{=}}{}$",
                "gamma_u": r"$\gamma_u{{=}}{}$", "reverse_unlabeled": r"reversed{{=}}{}"}
 STATS = ("median_last20", "final")
+TAIL_FRACTION = 0.3  # tail = the 30% of classes with the fewest labeled images (3 of 10)
 CAPTION = ("{metric} ({stat}) in %: mean \u00b1 sample standard deviation (ddof=1) over "
            "{seeds}; std is 0 where a cell has a single run.")
 
@@ -62,13 +66,39 @@ def run_value(run: Run, metric: str = "test/top1", stat: str = "median_last20") 
     return 100.0 * value
 
 
+def tail_classes(run: Run, fraction: float = TAIL_FRACTION) -> list[int]:
+    """The ceil(fraction * K) classes with the fewest labeled images (ties: higher index)."""
+    from imbssl.diagnostics.plots import class_order
+
+    order = class_order(run)
+    return order[len(order) - math.ceil(fraction * len(order)):] if order else []
+
+
+def tail_recall_series(run: Run, fraction: float = TAIL_FRACTION) -> pd.Series:
+    """Mean test recall over the tail classes at each evaluation (index: step)."""
+    df = run.per_class
+    df = df[(df["source"] == "test") & (df["kind"] == "prediction") & (df["subset"] == "all")
+            & (df["metric"] == "recall") & df["class"].isin(tail_classes(run, fraction))]
+    return df.groupby("step")["value"].mean().astype(float)
+
+
+def tail_recall(run: Run, stat: str = "median_last20") -> float:
+    """Tail recall in %: median of its last 20 evaluations, or its last value (``final``)."""
+    series = tail_recall_series(run)
+    if stat == "final":
+        return 100.0 * float(series.iloc[-1]) if len(series) else float("nan")
+    return 100.0 * median_of_last(series.tolist(), 20)
+
+
 def run_record(run: Run, metric: str = "test/top1", stat: str = "median_last20") -> dict:
-    """One row of the per-run table: method, setting, seed, value (%), status, path."""
+    """One row of the per-run table: method, setting, seed, value and tail recall (%),
+    status, path."""
     record = {"method": method_label(run), "algorithm": run.cfg("algorithm.name"),
               "pseudo": run.cfg("pseudo.name")}
     record.update({k: run.cfg(f"dataset.{'name' if k == 'dataset' else k}")
                    for k in SETTING_KEYS})
     record.update({"seed": run.cfg("seed"), "value": run_value(run, metric, stat),
+                   "tail_recall": tail_recall(run, stat),
                    "evals": run.num_evals(metric.partition("/")[0]), "status": run.status,
                    "path": str(run.path)})
     return record
@@ -78,8 +108,8 @@ def collect_runs(paths: Iterable[str | os.PathLike], metric: str = "test/top1",
                  stat: str = "median_last20") -> pd.DataFrame:
     """Per-run records of every run folder found under ``paths``."""
     records = [run_record(read_run(d), metric, stat) for d in find_run_dirs(paths)]
-    columns = ["method", "algorithm", "pseudo", *SETTING_KEYS, "seed", "value", "evals",
-               "status", "path"]
+    columns = ["method", "algorithm", "pseudo", *SETTING_KEYS, "seed", "value", "tail_recall",
+               "evals",               "status", "path"]
     return pd.DataFrame.from_records(records, columns=columns)
 
 
@@ -127,8 +157,9 @@ def _sort_key(value) -> tuple:
     return (1, 0.0, str(value))
 
 
-def aggregate(records: pd.DataFrame) -> pd.DataFrame:
-    """Tidy stats: one row per (method, setting) with mean, std (ddof=1) and n over seeds."""
+def aggregate(records: pd.DataFrame, column: str = "value") -> pd.DataFrame:
+    """Tidy stats: one row per (method, setting) with mean, std (ddof=1) and n over seeds
+    of ``column`` (the metric's value, or tail_recall)."""
     if records.empty:
         return pd.DataFrame(columns=["method", *SETTING_KEYS, "setting", "mean", "std", "n"])
     keys = varying_keys(records)
@@ -137,8 +168,8 @@ def aggregate(records: pd.DataFrame) -> pd.DataFrame:
             ["method", *SETTING_KEYS], dropna=False, sort=False):
         values = dict(zip(SETTING_KEYS, setting))
         rows.append({"method": method, **values, "setting": setting_label(values, keys),
-                     "mean": float(group["value"].mean()), "std": _std(group["value"]),
-                     "n": int(group["value"].count())})
+                     "mean": float(group[column].mean()), "std": _std(group[column]),
+                     "n": int(group[column].count())})
     stats = pd.DataFrame(rows)
     order = sorted(range(len(stats)), key=lambda i: _row_sort(stats.iloc[i]))
     return stats.iloc[order].reset_index(drop=True)
@@ -265,20 +296,35 @@ def plot_vs_gamma(stats: pd.DataFrame, out_dir: str | os.PathLike, ylabel: str,
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = _figure(4.6 * ncols + 1.6, 3.6 * nrows, nrows, ncols, sharey=True)
     legend = {}
+    colours = dict(zip(dict.fromkeys(data["method"]), _palette(data["method"].nunique())))
     for ax, (key, part) in zip(axes.flat, panels):
+        gammas = sorted(set(part["gamma_l"]), key=_sort_key)
         for method, rows in part.groupby("method", sort=False):
             rows = rows.sort_values("gamma_l", key=lambda s: s.map(_sort_key))
-            x = rows["gamma_l"].astype(str) if _categorical(rows) else rows["gamma_l"]
-            legend[method] = ax.errorbar(x, rows["mean"], yerr=rows["std"], marker="o",
-                                         capsize=3, label=method)
+            x = ([gammas.index(g) for g in rows["gamma_l"]] if _categorical(part)
+                 else rows["gamma_l"].astype(float))
+            mean, std = rows["mean"].to_numpy(float), rows["std"].fillna(0).to_numpy(float)
+            (legend[method],) = ax.plot(x, mean, marker="o", color=colours[method],
+                                        label=method)
+            ax.fill_between(x, mean - std, mean + std, color=colours[method], alpha=0.2,
+                            linewidth=0)
+        if _categorical(part):
+            ax.set_xticks(range(len(gammas)), [short_value(g) for g in gammas])
         ax.set_title(setting_label(dict(zip(others, _as_tuple(key))), others) if others else "")
         ax.set_xlabel(_gamma_axis(data))
         ax.set_ylabel(ylabel, fontsize=9)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.legend(list(legend.values()), list(legend), loc="outside right upper", fontsize=9,
-               frameon=False)
+               frameon=False, title="mean \u00b1 std\nover seeds", title_fontsize=8)
     return list(save_figure(fig, Path(out_dir), stem))
+
+
+def _palette(n: int) -> list:
+    """n distinguishable colours."""
+    import seaborn as sns
+
+    return sns.color_palette("colorblind", max(n, 1))
 
 
 def _as_tuple(key) -> tuple:
@@ -321,23 +367,32 @@ def write_results(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike
     out.mkdir(parents=True, exist_ok=True)
     stats = aggregate(records)
     text = caption(stats, records, metric, stat)
-    files = [out / "runs.csv", out / "table.csv", out / "table.md", out / "table.tex"]
+    tail = aggregate(records, "tail_recall")
+    tail_text = caption(tail, records, f"Test tail recall = mean recall of the "
+                        f"{TAIL_FRACTION:.0%} least-labeled classes;", stat)
+    files = [out / "runs.csv", out / "table.csv", out / "table.md", out / "table.tex",
+             out / "tail_recall.csv", out / "tail_recall.md"]
     records.to_csv(files[0], index=False)
     stats.to_csv(files[1], index=False)
     files[2].write_text(to_markdown(paper_table(stats, bold="**"), text), encoding="utf-8")
     files[3].write_text(to_latex(stats, text), encoding="utf-8")
-    return files + plot_vs_gamma(stats, out, f"{metric} ({_stat_text(stat)}), %")
+    tail.to_csv(files[4], index=False)
+    files[5].write_text(to_markdown(paper_table(tail, bold="**"), tail_text), encoding="utf-8")
+    return (files + plot_vs_gamma(stats, out, f"{metric} ({_stat_text(stat)}), %")
+            + plot_vs_gamma(tail, out, f"tail recall ({_stat_text(stat)}), %",
+                            "tail_recall_vs_gamma"))
 
 
-def collect_main(argv: Sequence[str] | None = None) -> int:
+def collect_main(argv: Sequence[str] | None = None, prog: str = "collect_results.py") -> int:
     """CLI: collect_results.py MULTIRUN_DIR [RUN ...] [--metric test/top1] [--out DIR]."""
     import argparse
     import sys
 
     parser = argparse.ArgumentParser(
-        prog="collect_results.py",
-        description="Paper-style table (method x imbalance setting, mean ± std over seeds) "
-                    "from a Hydra multirun folder or a list of run folders.")
+        prog=prog,
+        description="Paper-style tables (method x imbalance setting, mean ± std over seeds) "
+                    "of accuracy and tail recall, and both against gamma with mean ± std "
+                    "bands, from a Hydra multirun folder or a list of run folders.")
     parser.add_argument("paths", nargs="+", help="multirun folder(s) or run folder(s)")
     parser.add_argument("--metric", default="test/top1", help="split/metric, e.g. test/top1")
     parser.add_argument("--stat", default="median_last20", choices=STATS)
@@ -348,9 +403,10 @@ def collect_main(argv: Sequence[str] | None = None) -> int:
     try:
         files = write_results(args.paths, out, args.metric, args.stat)
     except (FileNotFoundError, ValueError) as err:
-        print(f"collect_results: {err}", file=sys.stderr)
+        print(f"{prog}: {err}", file=sys.stderr)
         return 2
     print((Path(out) / "table.md").read_text(encoding="utf-8"))
+    print((Path(out) / "tail_recall.md").read_text(encoding="utf-8"))
     for path in files:
         print(f"wrote {path}")
     return 0

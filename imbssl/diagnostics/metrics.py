@@ -115,3 +115,15 @@ def format_per_class_table(metrics: dict, class_names: Sequence[str] | None = No
     lines.append(f"top1 {100 * metrics['top1']:.2f}%  "
                  f"balanced_acc {100 * metrics['balanced_acc']:.2f}%")
     return "\n".join(lines)
+
+
+def final_accuracy_lines(metrics: dict, history: Sequence[float], window: int = 20) -> str:
+    """The last lines a run prints: the final EMA accuracy, and DASO's summary (median of the
+    last ``window`` evaluations) only when the run had that many evaluations."""
+    text = (f"final test balanced accuracy: {100 * metrics['balanced_acc']:.2f}%  "
+            f"(top-1 {100 * metrics['top1']:.2f}%; EMA model, last evaluation)")
+    if len(history) >= window:
+        return text + (f"\nDASO-protocol summary: median of the last {window} evaluations, "
+                       f"balanced accuracy {100 * median_of_last(history, window):.2f}%")
+    return text + (f"\n(no DASO-protocol median: it needs {window} evaluations, "
+                   f"this run had {len(history)})")

@@ -18,6 +18,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from imbssl.diagnostics.logfile import Run, read_run, short_value
+from imbssl.diagnostics.tracker import PSEUDO_KINDS, REFINER_STATE
 
 logging.getLogger("matplotlib").setLevel(logging.WARNING)  # no INFO chatter under Hydra
 
@@ -194,25 +195,45 @@ def _recall_grid(df: pd.DataFrame, kind: str | None) -> pd.DataFrame:
     return grid["recall"].where(grid["support"].reindex_like(grid["recall"]) > 0)
 
 
+def pseudo_kinds(run: Run) -> list[str]:
+    """Logged pseudo-label kinds in the order linear, semantic, final."""
+    kinds = set(run.per_class.loc[run.per_class["source"] == "pseudo", "kind"])
+    return [k for k in PSEUDO_KINDS if k in kinds]
+
+
 def plot_pseudo_heatmap(run: Run, label: str, out_dir: Path, stem: str) -> FigureFile | None:
-    """Class x step heatmap of pseudo-label recall over training."""
-    kind = pseudo_kind(run)
-    grid = _recall_grid(run.per_class, kind)
-    if grid.empty:
+    """Class x step heatmaps of pseudo-label recall over training, one panel per kind
+    (linear, semantic, final) on one colour scale."""
+    grids = {k: _recall_grid(run.per_class, k) for k in pseudo_kinds(run)}
+    grids = {k: g for k, g in grids.items() if not g.empty}
+    if not grids:
         return None
-    order = [c for c in class_order(run) if c in grid.index]
-    grid = grid.loc[order]
-    grid.index = [t.replace("\n", " ") for t in class_tick_labels(run, order)]
-    fig, axes = _figure(min(16.0, max(6.0, 3 + 0.12 * grid.shape[1])),
-                        min(14.0, max(3.5, 1.5 + 0.3 * grid.shape[0])))
-    axes[0, 0].set_facecolor("#dddddd")  # classes without samples in an interval
-    sns.heatmap(grid, vmin=0, vmax=1, cmap="viridis", ax=axes[0, 0],
-                cbar_kws={"label": "recall"}, xticklabels="auto", yticklabels="auto")
-    axes[0, 0].set_xlabel("iteration")
-    axes[0, 0].set_ylabel("class (labeled count)")
-    title = f"{label}: recall of {kind} pseudo-labels over training"
-    axes[0, 0].set_title(title, fontsize=10)
+    order = [c for c in class_order(run) if c in next(iter(grids.values())).index]
+    names = [t.replace("\n", " ") for t in class_tick_labels(run, order)]
+    steps = max(g.shape[1] for g in grids.values())
+    width = min(15.0, max(4.5, 2.0 + 0.08 * steps) * len(grids))
+    fig, axes = _figure(width, min(14.0, max(3.6, 1.8 + 0.3 * len(order))), 1, len(grids),
+                        sharey=True)
+    for i, (ax, (kind, grid)) in enumerate(zip(axes[0], grids.items())):
+        grid = grid.reindex(order)
+        grid.index = names
+        ax.set_facecolor("#dddddd")  # classes without samples in an interval
+        sns.heatmap(grid, vmin=0, vmax=1, cmap="viridis", ax=ax, cbar=i == len(grids) - 1,
+                    cbar_kws={"label": "recall"}, xticklabels="auto", yticklabels="auto")
+        ax.set_title(kind, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.tick_params(axis="x", labelrotation=90)  # the same on every panel
+        ax.set_ylabel("class (labeled count)" if i == 0 else "")
+    title = f"{label}: recall of the pseudo-labels over training"
+    fig.suptitle(_wrap(title, width), fontsize=11)
     return FigureFile(title, *save_figure(fig, out_dir, stem))
+
+
+def _wrap(text: str, width_in: float, points: float = 11) -> str:
+    """Wrap a title to the figure's width (about 1.9 characters per inch per 10 pt)."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, max(20, int(width_in * 120 / points))))
 
 
 def plot_confusion(run: Run, label: str, out_dir: Path, stem: str) -> FigureFile | None:
@@ -238,6 +259,171 @@ def plot_confusion(run: Run, label: str, out_dir: Path, stem: str) -> FigureFile
     title = f"{label}: test confusion matrix (last evaluation, rows normalised)"
     axes[0, 0].set_title(title, fontsize=10)
     return FigureFile(title, *save_figure(fig, out_dir, stem))
+
+
+def shown_kinds(run: Run) -> list[tuple[str, str]]:
+    """(kind, legend name) of the pseudo-labels to compare; "linear" is folded into "final"
+    when both are the same labels (an algorithm without a refiner)."""
+    kinds = pseudo_kinds(run)
+    if {"linear", "final"} <= set(kinds):
+        lin, fin = per_class_at(run, "pseudo", "linear"), per_class_at(run, "pseudo", "final")
+        if lin.shape == fin.shape and np.allclose(lin.to_numpy(), fin.to_numpy()):
+            return [("final", "final (= linear)")]
+    return [(k, k) for k in kinds]
+
+
+def _kinds_frame(runs: Sequence[Run], labels: Sequence[str]) -> pd.DataFrame:
+    """Long frame (position, series, metric, value): last per-class recall and precision of
+    each run's linear / semantic / final pseudo-labels, classes head to tail."""
+    frames = []
+    for run, label in zip(runs, labels):
+        for kind, name in shown_kinds(run):
+            wide = per_class_at(run, "pseudo", kind)
+            order = [c for c in class_order(runs[0]) if c in wide.index]
+            series = name if len(runs) == 1 else f"{label}: {name}"
+            for metric in ("recall", "precision"):
+                undefined = wide.loc[order, UNDEFINED_IF_ZERO[metric]].to_numpy() == 0
+                values = np.where(undefined, np.nan, wide.loc[order, metric].to_numpy())
+                frames.append(pd.DataFrame({"position": range(len(order)), "series": series,
+                                            "metric": metric, "value": values}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+UNDEFINED_IF_ZERO = {"precision": "predicted", "recall": "support"}
+
+
+def plot_pseudo_kinds(runs: Sequence[Run], labels: Sequence[str], out_dir: Path,
+                      stem: str) -> FigureFile | None:
+    """DASO Fig. 1 style: per-class recall (top) and precision (bottom) of the linear,
+    semantic and final pseudo-labels of every run in the same axes, head to tail."""
+    data = _kinds_frame(runs, labels)
+    if data.empty:
+        return None
+    k = int(data["position"].max()) + 1
+    hues = list(pd.unique(data["series"]))
+    fig, axes = _figure(min(24.0, max(7.0, 0.3 * k * len(hues) ** 0.6 + 2.5)), 7.0, 2)
+    ticks = class_tick_labels(runs[0], class_order(runs[0]))[:k]
+    for ax, metric in zip(axes[:, 0], ("recall", "precision")):
+        sns.barplot(data=data[data["metric"] == metric], x="position", y="value",
+                    hue="series", hue_order=hues, errorbar=None, palette=_kind_palette(hues),
+                    ax=ax)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel(f"pseudo-label {metric}")
+        ax.set_xlabel("class (labeled count), head \u2192 tail")
+        _thin_ticks(ax, ticks)
+        _move_legend_outside(fig, ax, remove=metric == "recall", where="lower")
+    step = ", ".join(sorted({str(_last_step(r, "pseudo", "final") or _last_step(
+        r, "pseudo", "linear")) for r in runs}))
+    fig.suptitle(f"Pseudo-labels per class: linear vs semantic vs final (interval ending at "
+                 f"iteration {step}; undefined values left out)", fontsize=11)
+    return FigureFile("Pseudo-labels per class: linear vs semantic vs final",
+                      *save_figure(fig, out_dir, stem))
+
+
+def _kind_palette(hues: Sequence[str]) -> list:
+    """One colour family per run (blues, oranges, ...), shades for linear/semantic/final."""
+    families = ["Blues", "Oranges", "Greens", "Purples", "Reds", "Greys"]
+    runs = list(dict.fromkeys(h.rsplit(": ", 1)[0] if ": " in h else "" for h in hues))
+    shades = {"linear": 0.45, "semantic": 0.65, "final": 0.9}
+    colours = []
+    for h in hues:
+        run, _, kind = h.rpartition(": ") if ": " in h else ("", "", h)
+        cmap = sns.color_palette(families[runs.index(run) % len(families)], as_cmap=True)
+        colours.append(cmap(shades.get(kind.split(" ")[0], 0.9)))
+    return colours
+
+
+def _refiner_frame(run: Run) -> pd.DataFrame:
+    """Long frame (step, class, metric, value) of the refiner's per-class state."""
+    df = run.per_class
+    df = df[(df["source"] == "refiner") & df["metric"].isin(REFINER_STATE)]
+    return df[["step", "class", "metric", "value"]]
+
+
+def plot_refiner_state(run: Run, label: str, out_dir: Path, stem: str) -> FigureFile | None:
+    """DASO's m_hat (distribution of final pseudo-labels) and blend weights v per class over
+    training; the dashed line marks the end of the warm-up (blending starts there)."""
+    data = _refiner_frame(run)
+    if data.empty:
+        return None
+    order = [c for c in class_order(run) if c in set(data["class"])]
+    names = [t.replace("\n", " ") for t in class_tick_labels(run, order)]
+    data = data.assign(name=data["class"].map(dict(zip(order, names))))
+    fig, axes = _figure(12, 4.2, 1, 2)
+    palette = dict(zip(names, sns.color_palette("viridis_r", len(names))))
+    warmup = run.cfg("pseudo.warmup_iters")
+    for ax, metric, text in zip(axes[0], REFINER_STATE, (
+            "m\u0302: share of final pseudo-labels", "v: blend weight of the semantic label")):
+        sns.lineplot(data=data[data["metric"] == metric], x="step", y="value", hue="name",
+                     hue_order=names, palette=palette, ax=ax, legend=metric == "m_hat",
+                     marker="o" if data["step"].nunique() < 30 else None)
+        if isinstance(warmup, int | float) and 0 < warmup <= data["step"].max():
+            ax.axvline(warmup, color="0.4", linestyle="--", linewidth=1)
+        ax.set_title(text, fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.set_ylim(0, None)
+    if len(names) <= MAX_LEGEND:
+        handles, names_ = axes[0, 0].get_legend_handles_labels()
+        axes[0, 0].get_legend().remove()
+        fig.legend(handles, names_, loc="outside right upper", fontsize=8, frameon=False,
+                   title="class, head \u2192 tail", title_fontsize=8)
+    elif axes[0, 0].get_legend() is not None:
+        axes[0, 0].get_legend().remove()
+    title = f"{label}: DASO m\u0302 and blend weights v per class over training"
+    fig.suptitle(_wrap(title + (" (dashed: end of warm-up)" if warmup else ""), 12),
+                 fontsize=11)
+    return FigureFile(title, *save_figure(fig, out_dir, stem))
+
+
+MAX_LEGEND = 20
+
+
+def _mask_frame(runs: Sequence[Run], labels: Sequence[str]) -> pd.DataFrame:
+    """Long frame (position, run, by, value): share of each class's final pseudo-labels
+    that pass the threshold (by pseudo-label class) and of each true class's unlabeled
+    images that get a confident pseudo-label (by true class), at the last interval."""
+    frames = []
+    for run, label in zip(runs, labels):
+        kind = pseudo_kind(run)
+        every, conf = (per_class_at(run, "pseudo", kind, s) if kind else pd.DataFrame()
+                       for s in ("all", "confident"))
+        if every.empty or conf.empty:
+            continue
+        order = [c for c in class_order(runs[0]) if c in every.index and c in conf.index]
+        for by, col in (("pseudo-label class", "predicted"), ("true class", "support")):
+            den = every.loc[order, col].to_numpy()
+            value = np.where(den > 0, conf.loc[order, col].to_numpy() / np.maximum(den, 1),
+                             np.nan)
+            frames.append(pd.DataFrame({"position": range(len(order)), "run": label,
+                                        "by": by, "value": value}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def plot_mask_rate(runs: Sequence[Run], labels: Sequence[str], out_dir: Path,
+                   stem: str) -> FigureFile | None:
+    """Per-class mask rate: how many pseudo-labels of each class pass the threshold."""
+    data = _mask_frame(runs, labels)
+    if data.empty:
+        return None
+    k = int(data["position"].max()) + 1
+    fig, axes = _figure(min(24.0, max(7.0, 0.45 * k * max(1, len(runs)) ** 0.5 + 2)), 6.4, 2)
+    ticks = class_tick_labels(runs[0], class_order(runs[0]))[:k]
+    hue_order = [lab for lab in labels if lab in set(data["run"])]
+    for ax, by in zip(axes[:, 0], ("pseudo-label class", "true class")):
+        sns.barplot(data=data[data["by"] == by], x="position", y="value", hue="run",
+                    hue_order=hue_order, errorbar=None, palette="colorblind", ax=ax)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("mask rate")
+        ax.set_title("share of the pseudo-labels of each class above the threshold"
+                     if by == "pseudo-label class" else
+                     "share of each true class's unlabeled images with a confident label",
+                     fontsize=10)
+        ax.set_xlabel(f"{by} (labeled count), head \u2192 tail")
+        _thin_ticks(ax, ticks)
+        _move_legend_outside(fig, ax, remove=by == "pseudo-label class", where="lower")
+    fig.suptitle("Mask rate per class (final pseudo-labels, last interval)", fontsize=11)
+    return FigureFile("Mask rate per class", *save_figure(fig, out_dir, stem))
 
 
 def _accuracy_frame(runs: Sequence[Run], labels: Sequence[str]) -> pd.DataFrame:
@@ -286,9 +472,12 @@ def make_figures(runs: Sequence[Run], out_dir: str | os.PathLike,
     labels = list(labels) if labels is not None else run_labels(runs)
     figs = [plot_accuracy(runs, labels, out, "accuracy"),
             plot_per_class_bars(runs, labels, "test", out, "per_class_test"),
-            plot_per_class_bars(runs, labels, "pseudo", out, "per_class_pseudo")]
+            plot_per_class_bars(runs, labels, "pseudo", out, "per_class_pseudo"),
+            plot_pseudo_kinds(runs, labels, out, "pseudo_kinds"),
+            plot_mask_rate(runs, labels, out, "mask_rate")]
     for i, (run, label) in enumerate(zip(runs, labels)):
         for fig in (plot_pseudo_heatmap(run, label, out, f"run{i}_pseudo_recall_heatmap"),
+                    plot_refiner_state(run, label, out, f"run{i}_daso_state"),
                     plot_confusion(run, label, out, f"run{i}_confusion_test")):
             if fig is not None:
                 fig.run = i

@@ -48,6 +48,16 @@ figcaption { font-size: 13px; color: #555; }
 .row { display: flex; flex-wrap: wrap; gap: 32px; align-items: flex-start; }
 .status-finished { color: #1a7f37; } .status-running { color: #9a6700; }
 .status-stopped, .status-incomplete { color: #cf222e; }
+.scroll { overflow-x: auto; max-width: 100%; }
+.row > div { min-width: 0; max-width: 100%; }
+th { white-space: nowrap; }
+@media (max-width: 700px) {
+  body { margin: 12px auto; padding: 0 8px; }
+  h1 { font-size: 1.5em; }
+  figure { overflow-x: auto; }
+  figure img { max-width: none; width: 720px; }
+  .figrow figure { flex-basis: 100%; }
+}
 """
 
 
@@ -113,6 +123,94 @@ def comparison_table(runs: Sequence[Run], labels: Sequence[str]) -> Table:
                      pct(run.median_last("test/balanced_acc"))])
     return Table(headers, rows, "Accuracies in %; median20 = median of the last 20 test "
                                 "evaluations (DASO protocol; fewer if fewer were run).")
+
+
+IGNORED_SETTINGS = ("run_dir", "resume", "overwrite", "experiment_name", "notes", "logger",
+                    "trainer.progress", "trainer.report", "trainer.tensorboard")
+
+
+def differing_settings(runs: Sequence[Run]) -> dict[str, list[str]]:
+    """Config keys whose values differ between runs (dotted key -> one value per run). A group
+    chosen differently (e.g. pseudo=none vs pseudo=daso) is one entry, ``<group>.name``."""
+    from imbssl.diagnostics.loggers import flatten
+
+    flat = [flatten(r.config) for r in runs]
+    keys = list(dict.fromkeys(k for f in flat for k in f))
+    groups = {k.rpartition(".")[0] for k in keys if k.endswith(".name")
+              and len({short_value(f.get(k, DASH)) for f in flat}) > 1}
+    out = {}
+    for key in keys:
+        if key.startswith(IGNORED_SETTINGS) or (key.rpartition(".")[0] in groups
+                                                 and not key.endswith(".name")):
+            continue
+        values = [short_value(f.get(key, DASH)) for f in flat]
+        if len(set(values)) > 1:
+            out[key] = values
+    return out
+
+
+def settings_sentence(diff: dict[str, list[str]]) -> str:
+    """ "The runs differ in 1 setting: pseudo.name (none vs daso)." """
+    if not diff:
+        return "The runs' configs are identical (apart from run folder and logging)."
+    parts = [f"{k} ({' vs '.join(v)})" for k, v in diff.items()]
+    noun = "setting" if len(diff) == 1 else "settings"
+    return f"The runs differ in {len(diff)} {noun}: " + "; ".join(parts) + "."
+
+
+DELTA_METRICS = (("test", "prediction", "recall", "test R"),
+                 ("pseudo", "final", "recall", "pseudo R"),
+                 ("pseudo", "final", "precision", "pseudo P"))
+
+
+def delta_table(runs: Sequence[Run], labels: Sequence[str]) -> Table | None:
+    """Per class, head to tail: test recall and final pseudo-label recall/precision of the
+    first run and each other run's difference to it, in percentage points."""
+    if len(runs) < 2:
+        return None
+    headers, columns = ["class", "labeled"], []
+    for source, kind, metric, name in DELTA_METRICS:
+        wides = [_wide(r, source, kind if source == "test" else pseudo_kind(r)) for r in runs]
+        if all(w.empty for w in wides):
+            continue
+        headers.append(f"{name} {labels[0]}")
+        columns.append((wides[0], None, metric))
+        for label, wide in zip(labels[1:], wides[1:]):
+            headers.append(f"\u0394 {name} {label}")
+            columns.append((wide, wides[0], metric))
+    if not columns:
+        return None
+    lab = runs[0].labeled_counts or []
+    rows = [[runs[0].class_names[c], _at(lab, c)]
+            + [_delta(w, base, c, m) for w, base, m in columns] for c in class_order(runs[0])]
+    return Table(headers, rows, f"Classes head to tail. Values of {labels[0]} in %, \u0394 = "
+                 "other run minus it, in percentage points; test recall at each run's last "
+                 "evaluation, pseudo-labels (final) over the interval ending there.")
+
+
+def _delta(wide: pd.DataFrame, base: pd.DataFrame | None, c: int, metric: str) -> str:
+    """wide's value (base is None) or wide - base, in % / points; a dash when undefined."""
+    value = _value(wide, c, metric)
+    if base is None:
+        return pct(value)
+    ref = _value(base, c, metric)
+    return f"{100 * (value - ref):+.2f}" if finite(value) and finite(ref) else DASH
+
+
+def _value(wide: pd.DataFrame, c: int, metric: str) -> float:
+    """wide.loc[c, metric], NaN when missing or undefined (0 / 0)."""
+    text = _get(wide, c, metric, lambda v: str(float(v)))
+    return float(text) if text != DASH else float("nan")
+
+
+def text_table(table: Table) -> str:
+    """A fixed-width text rendering of a table (for the terminal)."""
+    cells = [table.headers, *table.rows]
+    widths = [max(len(str(row[i])) for row in cells) for i in range(len(table.headers))]
+    lines = ["  ".join(str(h).rjust(w) if i else str(h).ljust(w)
+                       for i, (h, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
 
 
 def metrics_table(run: Run) -> Table:
@@ -200,7 +298,17 @@ def build_blocks(runs: Sequence[Run], labels: Sequence[str],
     blocks = [Block("h1", "imbssl diagnostics report"),
               Block("p", f"{len(runs)} run(s); generated {when}."),
               Block("h2", "Comparison"), Block("table", comparison_table(runs, labels))]
-    blocks += [Block("figure", f) for f in figures if f.run is None]
+    if len(runs) > 1:
+        diff = differing_settings(runs)
+        blocks.append(Block("p", settings_sentence(diff)))
+        if diff:
+            blocks.append(Block("table", Table(["setting", *labels],
+                                               [[k, *v] for k, v in diff.items()])))
+        delta = delta_table(runs, labels)
+        if delta is not None:
+            blocks += [Block("h2", "Per-class differences"), Block("table", delta)]
+    shared = [f for f in figures if f.run is None]
+    blocks += [Block("figure", f) for f in shared]
     for i, (run, label) in enumerate(zip(runs, labels)):
         rows = [[k, v] for k, v in settings(run).items()]
         blocks += [Block("h2", f"Run: {label}"),
@@ -208,8 +316,7 @@ def build_blocks(runs: Sequence[Run], labels: Sequence[str],
         table = per_class_table(run)
         blocks.append(Block("table", table) if table else Block("p", "No per-class rows yet."))
         own = [f for f in figures if f.run == i]
-        if own:
-            blocks.append(Block("figrow", own))
+        blocks += [Block("figure", f) for f in own]  # full width: heatmaps are wide
     return blocks
 
 
@@ -227,7 +334,8 @@ def _html_table(table: Table) -> str:
     body = "".join(
         "<tr>" + "".join(_html_cell(c) for c in row) + "</tr>" for row in table.rows)
     caption = f'<p class="note">{html.escape(table.caption)}</p>' if table.caption else ""
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{caption}"
+    return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
+            f"</table></div>{caption}")
 
 
 def _html_cell(text: str) -> str:
@@ -262,6 +370,7 @@ def render_html(blocks: Sequence[Block]) -> str:
         else:
             parts.append(f"<{b.kind}>{html.escape(b.content)}</{b.kind}>")
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
             "<title>imbssl report</title>"
             f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
 
@@ -337,6 +446,13 @@ def report_main(argv: Sequence[str] | None = None) -> int:
               f"{bad[0]}", file=sys.stderr)
         return 2
     out = args.out or (args.runs[0] / "report" if len(args.runs) == 1 else Path("report"))
+    if len(args.runs) > 1:
+        runs = [read_run(r) for r in args.runs]
+        labels = run_labels(runs)
+        print(settings_sentence(differing_settings(runs)))
+        delta = delta_table(runs, labels)
+        if delta is not None:
+            print(text_table(delta) + "\n")
     for path in build_report(args.runs, out):
         print(path)
     return 0

@@ -123,3 +123,24 @@ def _summary(prefix: str, metrics: dict) -> dict[str, float]:
         f"{prefix}/balanced_acc": metrics["balanced_acc"],
         f"{prefix}/count": float(metrics["support"].sum()),
     }
+
+
+REFINER_STATE = ("m_hat", "blend_weight")
+
+
+def refiner_rows(step: int, refiner: torch.nn.Module,
+                 class_names: Sequence[str] | None = None) -> list[dict]:
+    """Per-class rows (source "refiner") of a distribution-aware refiner's state: DASO's
+    ``m_hat`` (distribution of the final pseudo-labels) and blend weights
+    ``v = m_hat^(1/T_dist) / max`` (DASO Eq. 5-6); [] for a refiner without them."""
+    m_hat = getattr(refiner, "m_hat", None)
+    weights = getattr(refiner, "blend_weights", None)
+    if not isinstance(m_hat, Tensor) or not callable(weights):
+        return []
+    with torch.no_grad():
+        host = torch.stack([m_hat.detach().float(), weights().detach().float()]).cpu().numpy()
+    names = [str(n) for n in class_names] if class_names else [str(c) for c in range(len(m_hat))]
+    kind = type(refiner).__name__.lower()
+    return [{"step": int(step), "source": "refiner", "kind": kind, "subset": "all", "class": c,
+             "class_name": names[c], "metric": metric, "value": float(host[i, c])}
+            for c in range(host.shape[1]) for i, metric in enumerate(REFINER_STATE)]

@@ -54,6 +54,17 @@ class TrainerConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """Experiment tracker beside TensorBoard (imbssl/diagnostics/loggers.py)."""
+
+    name: str = "none"  # none | wandb | mlflow
+    project: str = "imbssl"  # W&B project / MLflow experiment
+    run_name: str = ""  # "" = the run folder's name
+    mode: str = "offline"  # W&B: offline (files in the run folder, `wandb sync` later) | online
+    tracking_uri: str = ""  # MLflow: "" = sqlite:///<run_dir>/mlflow.db; or file:/..., sqlite:///..
+
+
+@dataclass
 class Config:
     dataset: Any = MISSING
     algorithm: Any = MISSING
@@ -61,6 +72,7 @@ class Config:
     model: Any = MISSING
     optim: Any = MISSING
     trainer: Any = MISSING
+    logger: Any = field(default_factory=LoggerConfig)
     seed: int = 0
     device: str = "auto"
     run_dir: str = "runs/default"
@@ -81,6 +93,7 @@ def register_configs() -> None:
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="optim", name="optim_schema", node=OptimConfig)
     cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
     for name, schema in REFINER_CONFIGS.items():
         cs.store(group="pseudo", name=f"{name}_schema", node=schema)
     for name, cls in registry().items():

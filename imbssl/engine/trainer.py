@@ -37,13 +37,15 @@ from imbssl.algorithms import Batch, StepState, get_algorithm
 from imbssl.data import DataError, DatasetConfig, build_data
 from imbssl.data.device_loader import BatchStream
 from imbssl.diagnostics.logfile import RunLog
+from imbssl.diagnostics.loggers import check_logger, open_run_log
 from imbssl.diagnostics.metrics import (
     confusion_to_metrics,
+    final_accuracy_lines,
     format_per_class_table,
     median_of_last,
     per_class_rows,
 )
-from imbssl.diagnostics.tracker import PseudoLabelTracker
+from imbssl.diagnostics.tracker import PseudoLabelTracker, refiner_rows
 from imbssl.engine import distributed as ddp
 from imbssl.engine.checkpoint import (
     latest_checkpoint,
@@ -351,6 +353,7 @@ class Trainer:
         if self._prepared:
             return
         check_run_dir(self.run_dir, self.resume, self.overwrite)
+        check_logger(self.cfg)  # logger=wandb/mlflow: the package is there, before any write
         if self.resume:
             self.load_latest()
         ddp.barrier()  # every process has checked the folder before process 0 writes to it
@@ -365,7 +368,7 @@ class Trainer:
             else:
                 prepare_run_dir(self.run_dir, False, self.overwrite)
                 self._write_config()
-            self.log = RunLog(self.run_dir)
+            self.log = open_run_log(self.run_dir, self.cfg)  # + wandb/mlflow (logger=...)
         ddp.barrier()
         if not self.resume:
             set_rng_state(self._start_rng)
@@ -470,6 +473,8 @@ class Trainer:
         if pseudo_rows and self.log is not None:
             self.log.append_per_class(pseudo_rows)
             self._append_metrics({"step": step, "split": "pseudo", **self.tracker.last_summary})
+        if self.log is not None:  # DASO's m_hat and blend weights v per class
+            self.log.append_per_class(refiner_rows(step, self.algo.refiner, names))
         self._last_test = results["test"]
         self._last_eval_step = step
         self._write_summary(self.summary("running"))
@@ -489,11 +494,7 @@ class Trainer:
         metrics = self._last_test["metrics"]
         print(format_per_class_table(metrics, self.data.class_names, self.data.labeled_counts))
         history = self.eval_history.get("test/balanced_acc") or [metrics["balanced_acc"]]
-        med = median_of_last(history, self.tcfg.summary_last)
-        print(f"final test balanced accuracy: {metrics['balanced_acc'] * 100:.2f}%  "
-              f"(top-1 {metrics['top1'] * 100:.2f}%; median of last "
-              f"{min(self.tcfg.summary_last, len(history))} "
-              f"evaluations {med * 100:.2f}%)")
+        print(final_accuracy_lines(metrics, history, self.tcfg.summary_last))
         print(f"run folder: {self.run_dir}")
 
     # ----------------------------------------------------------------- logging helpers

@@ -15,7 +15,8 @@ from imbssl.diagnostics.metrics import (
     median_of_last,
     per_class_rows,
 )
-from imbssl.diagnostics.tracker import PseudoLabelTracker
+from imbssl.diagnostics.tracker import PseudoLabelTracker, refiner_rows
+from imbssl.pseudo.daso import DASO
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
            "truck"]
@@ -61,6 +62,7 @@ def write_synthetic_run(run_dir: Path, *, algorithm: str = "fixmatch", pseudo: s
     y_test = np.repeat(np.arange(num_classes), test_per_class)
     y_ulb = rng.choice(num_classes, size=400, p=np.asarray(unlabeled) / sum(unlabeled))
     tracker = PseudoLabelTracker(num_classes, "cpu")
+    daso = DASO(num_classes, 4, queue_size=4, dist_temperature=1.5) if pseudo == "daso" else None
     last = iterations if stop_at is None else stop_at
     top1s = []
     for step in range(eval_every, last + 1, eval_every):
@@ -79,6 +81,9 @@ def write_synthetic_run(run_dir: Path, *, algorithm: str = "fixmatch", pseudo: s
                 _biased_predictions(rng, y_ulb, recall, prior))
         tracker.update(logs, torch.from_numpy(y_ulb))
         log.append_per_class(tracker.flush(step, names))
+        if daso is not None:  # m_hat drifts from the labeled prior towards uniform
+            daso.m_hat.copy_(torch.from_numpy((1 - progress) * prior + progress / num_classes))
+            log.append_per_class(refiner_rows(step, daso, names))
         log.append_metrics({"step": step, "split": "train", **tracker.last_summary})
         m = classification_metrics(y_test, _biased_predictions(rng, y_test, recall, prior),
                                    num_classes)
