@@ -45,6 +45,9 @@ class DatasetConfig:
     seed: int = 0
     flip: bool = False  # random horizontal flip in weak/strong views
     image_size: int = 0  # resize every image to this square size once at load; 0 keeps it
+    # Fill of the strong view's Rotate/Shear/Translate: 128 = Google FixMatch (augment.WARP_FILL),
+    # 0 = official DASO (PIL rotate/transform without fillcolor: black).
+    geometric_fill: int = 128
 
 
 @dataclass
@@ -99,8 +102,17 @@ def build_data(cfg: Any, device: torch.device | str = "cpu") -> DataBundle:
         valid=part(split.valid) if len(split.valid) else None,
         test=TensorSet.from_numpy(src.test_images, src.test_labels, device),
         labeled_counts=counts.labeled, unlabeled_counts=u_counts,
-        augmenter=Augmenter(mean, std, flip=bool(get("flip"))),
+        augmenter=Augmenter(mean, std, flip=bool(get("flip")),
+                            geometric_fill=geometric_fill(get("geometric_fill"))),
     )
+
+
+def geometric_fill(value: Any) -> int:
+    """dataset.geometric_fill checked to be a gray level in [0, 255]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
+        raise DataError(f"dataset.geometric_fill must be an integer gray level in [0, 255] "
+                        f"(128: FixMatch, 0: DASO), got {value!r}")
+    return value
 
 
 def resized(src: SourceData, size: int) -> SourceData:

@@ -8,7 +8,8 @@ input's dtype, and follow PIL's semantics (the reference RandAugment is PIL-base
 
 * the op pool, magnitude ranges (level 1..9 of 10), p=0.5 per op and Cutout of side 0.5*H
   filled with gray 127 follow DASO's / kekmodel's FixMatch RandAugment ("fixmatch_augment_pool");
-* geometric ops sample with nearest neighbour and fill 128, as Google's FixMatch does.
+* geometric ops sample with nearest neighbour and fill WARP_FILL = 128 as Google's FixMatch
+  does, or any other fill passed as ``fill`` (official DASO's PIL calls fill black, 0).
 
 Internally a RandAugment slot is applied in three vectorized groups: per-image per-channel
 lookup tables (AutoContrast, Brightness, Contrast, Equalize, Identity, Posterize, Solarize),
@@ -40,7 +41,7 @@ _SHARED_LUT_SLOT = [("identity", "brightness", "contrast", "posterize", "solariz
                     for n in RANDAUG_OPS]
 _IS_GEOMETRIC = [n in GEOMETRIC_OPS for n in RANDAUG_OPS]
 _CONSTS: dict[str, dict[str, Tensor]] = {}
-WARP_FILL = 128.0
+WARP_FILL = 128.0  # Google FixMatch's fill of Rotate/Shear/Translate (default of `fill`)
 CUTOUT_FILL = 127.0
 LEVELS = 10  # magnitude levels: each op draws level ~ U{1, ..., LEVELS - 1}
 
@@ -233,13 +234,13 @@ _MATRICES: dict[str, Callable[[Tensor, int, int], Tensor]] = {
 }
 
 
-def warp(x: Tensor, pixel_matrix: Tensor) -> Tensor:
+def warp(x: Tensor, pixel_matrix: Tensor, fill: float = WARP_FILL) -> Tensor:
     """Sample x at pixel_matrix @ (u, v, 1), continuous pixel coordinates with pixel centres
-    at i + 0.5 (PIL's convention); nearest neighbour, fill 128."""
-    return _restore(_warp_float(_as_float(x), pixel_matrix), x)
+    at i + 0.5 (PIL's convention); nearest neighbour, outside pixels take `fill`."""
+    return _restore(_warp_float(_as_float(x), pixel_matrix, fill), x)
 
 
-def _warp_float(xf: Tensor, a: Tensor) -> Tensor:
+def _warp_float(xf: Tensor, a: Tensor, fill: float = WARP_FILL) -> Tensor:
     """warp() on a float batch. The pixel-space map A becomes affine_grid's normalized map
     N A N^-1 with N = [[2/W, 0, -1], [0, 2/H, -1], [0, 0, 1]] (align_corners=False)."""
     b, c, h, w = xf.shape
@@ -250,8 +251,8 @@ def _warp_float(xf: Tensor, a: Tensor) -> Tensor:
     t1 = torch.stack([a[:, 1, 0] / r, a[:, 1, 1],
                       a[:, 1, 0] / r + a[:, 1, 1] + 2.0 * a[:, 1, 2] / h - 1.0], dim=1)
     grid = F.affine_grid(torch.stack([t0, t1], dim=1), [b, c, h, w], align_corners=False)
-    return F.grid_sample(xf - WARP_FILL, grid, mode="nearest", padding_mode="zeros",
-                         align_corners=False) + WARP_FILL
+    return F.grid_sample(xf - fill, grid, mode="nearest", padding_mode="zeros",
+                         align_corners=False) + fill
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -302,29 +303,29 @@ def sharpness(x: Tensor, factor: Tensor | float) -> Tensor:
     return _restore(_sharpness_float(_as_float(x), _per_image(factor, x)), x)
 
 
-def rotate(x: Tensor, degrees: Tensor | float) -> Tensor:
-    """Rotate counter-clockwise by `degrees` about the centre (PIL Image.rotate), fill 128."""
-    return warp(x, _rotate_matrix(_per_image(degrees, x), *x.shape[2:]))
+def rotate(x: Tensor, degrees: Tensor | float, fill: float = WARP_FILL) -> Tensor:
+    """Rotate counter-clockwise by `degrees` about the centre (PIL Image.rotate), fill `fill`."""
+    return warp(x, _rotate_matrix(_per_image(degrees, x), *x.shape[2:]), fill)
 
 
-def shear_x(x: Tensor, shear: Tensor | float) -> Tensor:
-    """ShearX as PIL's affine (1, s, 0, 0, 1, 0), fill 128."""
-    return warp(x, _shear_x_matrix(_per_image(shear, x), *x.shape[2:]))
+def shear_x(x: Tensor, shear: Tensor | float, fill: float = WARP_FILL) -> Tensor:
+    """ShearX as PIL's affine (1, s, 0, 0, 1, 0), fill `fill`."""
+    return warp(x, _shear_x_matrix(_per_image(shear, x), *x.shape[2:]), fill)
 
 
-def shear_y(x: Tensor, shear: Tensor | float) -> Tensor:
-    """ShearY as PIL's affine (1, 0, 0, s, 1, 0), fill 128."""
-    return warp(x, _shear_y_matrix(_per_image(shear, x), *x.shape[2:]))
+def shear_y(x: Tensor, shear: Tensor | float, fill: float = WARP_FILL) -> Tensor:
+    """ShearY as PIL's affine (1, 0, 0, s, 1, 0), fill `fill`."""
+    return warp(x, _shear_y_matrix(_per_image(shear, x), *x.shape[2:]), fill)
 
 
-def translate_x(x: Tensor, pixels: Tensor | float) -> Tensor:
-    """TranslateX: content moves `pixels` to the right (negative: left), fill 128."""
-    return warp(x, _translate_x_matrix(_per_image(pixels, x), *x.shape[2:]))
+def translate_x(x: Tensor, pixels: Tensor | float, fill: float = WARP_FILL) -> Tensor:
+    """TranslateX: content moves `pixels` to the right (negative: left), fill `fill`."""
+    return warp(x, _translate_x_matrix(_per_image(pixels, x), *x.shape[2:]), fill)
 
 
-def translate_y(x: Tensor, pixels: Tensor | float) -> Tensor:
-    """TranslateY: content moves `pixels` down (negative: up), fill 128."""
-    return warp(x, _translate_y_matrix(_per_image(pixels, x), *x.shape[2:]))
+def translate_y(x: Tensor, pixels: Tensor | float, fill: float = WARP_FILL) -> Tensor:
+    """TranslateY: content moves `pixels` down (negative: up), fill `fill`."""
+    return warp(x, _translate_y_matrix(_per_image(pixels, x), *x.shape[2:]), fill)
 
 
 OP_FUNCTIONS: dict[str, Callable[..., Tensor]] = {
@@ -395,8 +396,9 @@ def _op_magnitude(op: Tensor, magnitude: Tensor, name: str) -> Tensor:
                        torch.full_like(magnitude, NEUTRAL.get(name, 0.0)))
 
 
-def apply_ops(x: Tensor, op: Tensor, magnitude: Tensor) -> Tensor:
-    """Apply op RANDAUG_OPS[op[b]] with magnitude[b] to every image b (one RandAugment slot).
+def apply_ops(x: Tensor, op: Tensor, magnitude: Tensor, fill: float = WARP_FILL) -> Tensor:
+    """Apply op RANDAUG_OPS[op[b]] with magnitude[b] to every image b (one RandAugment slot);
+    geometric ops fill with `fill`.
 
     Each image is changed by exactly one group below; the others leave it unchanged exactly.
     """
@@ -426,7 +428,7 @@ def apply_ops(x: Tensor, op: Tensor, magnitude: Tensor) -> Tensor:
     eye = _consts(xf.device)["eye"]
     mats = eye + sum(_MATRICES[n](_op_magnitude(op, mag, n), h, w) - eye for n in GEOMETRIC_OPS)
     is_geo = _consts(xf.device)["is_geometric"][op].view(-1, 1, 1, 1)
-    xf = torch.where(is_geo, _warp_float(xf, mats), xf)
+    xf = torch.where(is_geo, _warp_float(xf, mats, fill), xf)
     return xf if x.dtype == torch.float32 else _restore(xf, x)
 
 
@@ -444,19 +446,21 @@ class Augmenter:
     """Weak / strong views and normalization for one dataset's mean and std ([0, 1] units)."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], flip: bool = True,
-                 pad_fraction: float = 0.125, randaug_n: int = 2, cutout: float = 0.5):
+                 pad_fraction: float = 0.125, randaug_n: int = 2, cutout: float = 0.5,
+                 geometric_fill: float = WARP_FILL):
         if len(mean) != len(std):
             raise ValueError(f"mean {mean} and std {std} have different lengths")
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.flip, self.pad_fraction = bool(flip), float(pad_fraction)
         self.randaug_n, self.cutout = int(randaug_n), float(cutout)
+        self.geometric_fill = float(geometric_fill)
         self._norm_cache: dict[str, tuple[Tensor, Tensor]] = {}
 
     def __repr__(self) -> str:
         """Settings in one line."""
         return (f"Augmenter(mean={self.mean}, std={self.std}, flip={self.flip}, "
                 f"pad_fraction={self.pad_fraction}, randaug_n={self.randaug_n}, "
-                f"cutout={self.cutout})")
+                f"cutout={self.cutout}, geometric_fill={self.geometric_fill})")
 
     def normalize(self, x: Tensor) -> Tensor:
         """uint8 (or float in [0, 255]) -> float32 (x / 255 - mean) / std."""
@@ -493,7 +497,8 @@ class Augmenter:
             level = _randint(1, LEVELS, b, gen, dev)
             sign = torch.where(_coin(b, gen, dev), -1.0, 1.0)
             op = torch.where(_coin(b, gen, dev), op, torch.full_like(op, OP_INDEX["identity"]))
-            xf = apply_ops(xf, op, fixmatch_magnitudes(op, level, sign, h, w))
+            xf = apply_ops(xf, op, fixmatch_magnitudes(op, level, sign, h, w),
+                           self.geometric_fill)
         return self._cutout(xf, gen).to(torch.uint8)
 
     def _cutout(self, xf: Tensor, gen: torch.Generator) -> Tensor:

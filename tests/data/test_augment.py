@@ -183,6 +183,34 @@ def test_ops_match_pil():
         assert torch.equal(ours, pil_apply(x, ref)), i
 
 
+@pytest.mark.parametrize("fill", [0, 128])
+def test_geometric_fill_value(fill):
+    """A rotated image's uncovered corners hold `fill`, as PIL's rotate with that fillcolor."""
+    x = torch.full((2, 3, 16, 16), 255, dtype=torch.uint8)
+    out = A.rotate(x, 45.0, fill=fill)
+    corners = out[:, :, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert (corners == fill).all() and (out[:, :, 8, 8] == 255).all()
+    assert torch.equal(out, pil_apply(x, lambda im: im.rotate(45, fillcolor=(fill,) * 3)))
+    for name in A.GEOMETRIC_OPS:  # every warp op, alone and through apply_ops, takes the fill
+        mag = torch.full((2,), 0.3 if name.startswith("shear") else 45.0 if name == "rotate"
+                         else 4.0)
+        single = A.OP_FUNCTIONS[name](x, mag, fill=fill)
+        assert (single == fill).any() and set(single.unique().tolist()) == {fill, 255}, name
+        assert torch.equal(A.apply_ops(x, torch.full((2,), A.OP_INDEX[name]), mag, fill),
+                           single), name
+
+
+@pytest.mark.parametrize("fill", [0, 128])
+def test_augmenter_threads_geometric_fill(fill, monkeypatch):
+    """strong_u8 warps with the Augmenter's geometric_fill (no module-level global)."""
+    seen = []
+    warp = A._warp_float
+    monkeypatch.setattr(A, "_warp_float", lambda xf, a, f=A.WARP_FILL: seen.append(f)
+                        or warp(xf, a, f))
+    Augmenter(MEAN, STD, geometric_fill=fill).strong_u8(rand_images(n=4), torch.Generator())
+    assert seen and set(seen) == {float(fill)}
+
+
 # ----------------------------------------------------------------------------- RandAugment
 
 def test_fixmatch_magnitudes():

@@ -271,6 +271,19 @@ def test_build_data_cifar_mini_with_validation(cifar10_mini):
     assert any(np.array_equal(first, img) for img in x)
 
 
+@pytest.mark.parametrize("fill", [0, 128])
+def test_build_data_geometric_fill(fill):
+    bundle = build_data(DatasetConfig(geometric_fill=fill), torch.device("cpu"))
+    assert bundle.augmenter.geometric_fill == fill
+    assert DatasetConfig().geometric_fill == 128  # FixMatch's fill stays the default
+
+
+@pytest.mark.parametrize("bad", [-1, 256, 0.5, True])
+def test_build_data_geometric_fill_rejects_non_gray_levels(bad):
+    with pytest.raises(DataError, match="geometric_fill"):
+        build_data({"geometric_fill": bad}, torch.device("cpu"))
+
+
 def test_build_data_errors_name_the_class(cifar10_mini):
     cfg = DatasetConfig(name="cifar10", root=str(cifar10_mini[0]), n1=5, m1=2, gamma_l=1,
                         gamma_u=1)
