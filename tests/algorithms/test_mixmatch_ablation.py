@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +148,49 @@ def test_every_mode_trains(mode):
 def test_bad_switch_is_a_user_error(key, value):
     with pytest.raises(UserError, match=key):
         make_setup("mixmatch", **{key: value})
+
+
+# ----------------------------------------------------------------------------- experiment files
+
+def ablation_generator():
+    """configs/experiment/_generate_mixmatch_ablation.py as a module."""
+    import importlib.util
+    import sys
+
+    from imbssl.cli import CONFIG_DIR
+
+    path = Path(CONFIG_DIR) / "experiment" / "_generate_mixmatch_ablation.py"
+    spec = importlib.util.spec_from_file_location("mixmatch_ablation_generate", path)
+    gen = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = gen
+    try:
+        spec.loader.exec_module(gen)
+    finally:
+        del sys.modules[spec.name]
+    return gen
+
+
+SWITCHES = {"full": {}, "k1": {"num_views": 1}, "k3": {"num_views": 3}, "k4": {"num_views": 4},
+            "t1": {"temperature": 1.0}, "param_ema": {"guess_with_ema": True},
+            "no_mixup": {"mixup_mode": "none"}, "mixup_labeled": {"mixup_mode": "labeled"},
+            "mixup_unlabeled": {"mixup_mode": "unlabeled"},
+            "mixup_separate": {"mixup_mode": "separate"}}
+
+
+def test_ablation_files_are_generated_and_set_one_switch_each():
+    from imbssl.cli import compose
+
+    gen = ablation_generator()
+    assert gen.main(["--check"]) == 0, "run: python configs/experiment/_generate_mixmatch_ablation.py"
+    assert set(gen.rows()) == {f"mixmatch_ablation_{r}_{n}" for r in SWITCHES for n in (250, 4000)}
+    defaults = {"num_views": 2, "temperature": 0.5, "mixup_mode": "all", "guess_with_ema": False}
+    for labels in (250, 4000):
+        for row, switch in SWITCHES.items():
+            cfg = compose([f"experiment=mixmatch_ablation_{row}_{labels}"])
+            a, d = cfg.algorithm, cfg.dataset
+            assert a.name == "mixmatch" and cfg.pseudo.name == "none"
+            assert {k: a[k] for k in defaults} == {**defaults, **switch}, row
+            assert (a.mixup_alpha, a.lambda_u, a.uratio) == (0.75, 75.0, 1)
+            assert d.name == "cifar10" and d.gamma_l == d.gamma_u == 1 and d.n1 * 10 == labels
+            assert d.n1 + d.m1 + d.num_valid_per_class == 5000  # every training image used
+            assert cfg.trainer.iterations == 2 ** 20 and cfg.model.name == "wrn28_2"
