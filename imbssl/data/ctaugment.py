@@ -127,7 +127,8 @@ def apply_cta_ops(x: Tensor, op: Tensor, v: Tensor, fill: float = A.WARP_FILL,
     slot = torch.zeros_like(op)
     for i, name in enumerate(_LUT_OPS[1:], start=1):
         slot = torch.where(op == CTA_INDEX[name], i, slot)
-    lut = torch.stack([t.expand(b, c, 256) for t in candidates])[slot, torch.arange(b)]
+    images = torch.arange(b, device=xf.device)
+    lut = torch.stack([t.expand(b, c, 256) for t in candidates])[slot, images]
     xf = A.apply_lut(xf, lut, idx)
     # 2. Blends floor(a + f * (b - a)): Color/Sharpness blend (degenerate, x); Blur/Smooth
     #    blend (x, filtered x); every other image blends x with itself (unchanged).
