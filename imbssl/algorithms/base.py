@@ -102,6 +102,15 @@ class Algorithm(nn.Module):
                     ema_features = state.ema_model(batch.x_lb).features
             self.refiner.update_labeled(ema_features.float(), batch.y_lb)
 
+    def probe_ctaugment(self, batch: Batch, state: StepState) -> dict[str, Tensor]:
+        """With CTAugment (``self.ctaugment``): score labeled probes with the EMA model (one
+        no-grad forward of the labeled batch, official FixMatch/ReMixMatch ``classify_op``)
+        and update the bin weights; returns its log."""
+        cta = getattr(self, "ctaugment", None)
+        if cta is None:
+            return {}
+        return {"ctaugment/proximity": cta.probe_step(state.ema_model, batch.x_lb, batch.y_lb)}
+
 
 def forward_all(model: nn.Module, *xs: Tensor):
     """One forward pass over the concatenation of ``xs`` (batch-norm sees them together);

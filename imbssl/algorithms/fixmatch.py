@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from imbssl.algorithms import register
 from imbssl.algorithms.base import Algorithm, AlgorithmConfig, Batch, StepState, forward_all
+from imbssl.data.ctaugment import build_ctaugment, with_ctaugment
 from imbssl.pseudo.base import add_extra_loss, hard_labels
 from imbssl.pseudo.dist_align import build_dist_align
 
@@ -26,6 +27,7 @@ class FixMatchConfig(AlgorithmConfig):
     lambda_u: float = 1.0  # (FixMatch paper)
     dist_align: str = "none"  # none | labeled | uniform (DASO FixMatch baseline: off)
     dist_align_window: int = 128  # batches in p~(y) (ReMixMatch / DASO)
+    strong_augment: str = "randaugment"  # randaugment | ctaugment (FixMatch paper: both)
 
 
 def fixmatch_mask(probs: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
@@ -46,10 +48,13 @@ class FixMatch(Algorithm):
         super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
         self.dist_align = build_dist_align(cfg.dist_align, num_classes, self.labeled_prior,
                                            cfg.dist_align_window)
+        self.ctaugment = build_ctaugment(cfg.strong_augment)  # its weights: a buffer
+        self.unlabeled_views = with_ctaugment(type(self).unlabeled_views, self.ctaugment)
 
     def step(self, batch: Batch, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
         self.feed_refiner(batch, state)
+        probe_logs = self.probe_ctaugment(batch, state)
         (logits_x, _), (logits_w, feats_w), (logits_s, feats_s) = forward_all(
             state.model, batch.x_lb, *batch.x_ulb)
         loss_x = F.cross_entropy(logits_x.float(), batch.y_lb)  # l_s (FixMatch Sec. 3)
@@ -68,7 +73,7 @@ class FixMatch(Algorithm):
         loss = loss_x + cfg.lambda_u * loss_u
         logs = {"loss/labeled": loss_x.detach(), "loss/unlabeled": loss_u.detach(),
                 "mask/ratio": mask.mean(), "pseudo/linear": linear, "pseudo/final": pseudo,
-                "pseudo/mask": mask}
+                "pseudo/mask": mask, **probe_logs}
         extra, extra_logs = self.refiner.extra_loss(feats_w, feats_s, state.step)
         loss = add_extra_loss(loss, logs, extra, extra_logs)
         logs.update(self.refiner.pseudo_logs())

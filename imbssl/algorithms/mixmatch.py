@@ -22,18 +22,30 @@ DASO follows the official MixMatch variant (github.com/ytaek-oh/daso,
   ``(1 - v[k]) * targets + v[k] * q_semantic`` with ``k`` = argmax of the sharpened targets;
   the blended targets enter MixUp for both weak views and their argmax is the pseudo-label
   pushed into the m_hat histogram (every image, no confidence filter).
+
+Ablation switches (MixMatch paper Table 4; official ``ablation/ab_mixmatch.py`` and
+``runs/table4.sh`` of github.com/google-research/mixmatch): ``num_views`` (K, flag ``--nu``),
+``temperature`` (T = 1: no sharpening), ``mixup_mode`` (official ``MixMode``: ``all`` =
+"xxy.yxy", ``none`` = ".", ``labeled`` = "xx.", ``unlabeled`` = ".yy", ``separate`` = "xx.yy")
+and ``guess_with_ema`` (``--use_ema_guess``: the guess pass runs the EMA parameters with
+batch-norm in training mode, as the official ``classifier(y, training=True, getter=ema)``).
+With DASO and any K, the semantic pseudo-label still comes from the first view's features.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from imbssl.algorithms import register
 from imbssl.algorithms.base import Algorithm, AlgorithmConfig, Batch, StepState, forward_all
 from imbssl.algorithms.ops import linear_rampup, mixup, one_hot, sharpen, soft_cross_entropy
+from imbssl.errors import UserError
+
+MIXUP_MODES = ("all", "none", "labeled", "unlabeled", "separate")
 
 
 @dataclass
@@ -44,23 +56,76 @@ class MixMatchConfig(AlgorithmConfig):
     mixup_alpha: float = 0.75  # alpha (MixMatch paper, CIFAR; DASO mixmatch.yaml uses 0.5)
     lambda_u: float = 75.0  # (MixMatch paper, CIFAR-10; DASO mixmatch.yaml uses 100)
     rampup_ratio: float = 0.016  # 16k of 1M steps (paper) = DASO CONS_RAMPUP_ITERS_RATIO
+    num_views: int = 2  # K weak views averaged in the guess (paper Sec. 3.2; Table 4: 1..4)
+    mixup_mode: str = "all"  # all | none | labeled | unlabeled | separate (paper Table 4)
+    guess_with_ema: bool = False  # guess with the EMA parameters (Table 4 "parameter EMA")
+
+
+def mix_batches(x_lb: Tensor, y_lb: Tensor, x_ulb: Tensor, y_ulb: Tensor, mode: str,
+                alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+    """MixUp of [labeled; unlabeled] rows under ``mode`` (official ``MixMode``); returns the
+    mixed (x, y) in the same row order and lambda' (1 where nothing is mixed; ``separate``:
+    the labeled part's)."""
+    one = torch.ones((), device=x_lb.device)
+    if mode == "all":  # every row with any row (Eqs. 8-11)
+        return mixup(torch.cat([x_lb, x_ulb]), torch.cat([y_lb, y_ulb]), alpha)
+    if mode == "none":
+        return torch.cat([x_lb, x_ulb]), torch.cat([y_lb, y_ulb]), one
+    mixed_lb = mixup(x_lb, y_lb, alpha) if mode in ("labeled", "separate") else (x_lb, y_lb, one)
+    mixed_u = mixup(x_ulb, y_ulb, alpha) if mode in ("unlabeled", "separate") else (
+        x_ulb, y_ulb, one)
+    lam = mixed_u[2] if mode == "unlabeled" else mixed_lb[2]
+    return torch.cat([mixed_lb[0], mixed_u[0]]), torch.cat([mixed_lb[1], mixed_u[1]]), lam
+
+
+@contextlib.contextmanager
+def training_mode(model: nn.Module):
+    """Run ``model`` in training mode (batch statistics in batch norm), then restore its mode."""
+    was_training = model.training
+    model.train()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 @register("mixmatch")
 class MixMatch(Algorithm):
-    """Sharpened average guess over K=2 weak views, MixUp, soft CE + L2 consistency."""
+    """Sharpened average guess over K weak views, MixUp, soft CE + L2 consistency."""
 
     Config = MixMatchConfig
-    unlabeled_views = ("weak", "weak")
+    unlabeled_views = ("weak", "weak")  # K = 2; an instance with num_views = K has K entries
+
+    def __init__(self, cfg: MixMatchConfig, num_classes: int, feat_dim: int,
+                 labeled_labels: Tensor, refiner=None):
+        super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
+        if cfg.num_views < 1:
+            raise UserError(f"algorithm.num_views must be >= 1 (K weak views), got {cfg.num_views}")
+        if cfg.mixup_mode not in MIXUP_MODES:
+            raise UserError(f"algorithm.mixup_mode must be one of {MIXUP_MODES}, "
+                            f"got {cfg.mixup_mode!r}")
+        if cfg.temperature <= 0:
+            raise UserError(f"algorithm.temperature must be > 0 (1: no sharpening), "
+                            f"got {cfg.temperature}")
+        self.unlabeled_views = ("weak",) * cfg.num_views
+
+    def guess(self, x_ulb: list[Tensor], state: StepState) -> tuple[Tensor, Tensor]:
+        """(q_bar = 1/K sum_k p_model(y | u_k) (Eq. 6), features of view 1), no gradient."""
+        with torch.no_grad():
+            if self.cfg.guess_with_ema:
+                with training_mode(state.ema_model) as ema:
+                    outs = forward_all(ema, *x_ulb)
+            else:
+                outs = forward_all(state.model, *x_ulb)
+            probs = torch.stack([torch.softmax(logits.detach().float(), -1)
+                                 for logits, _ in outs])
+            return probs.mean(0), outs[0][1].detach()
 
     def step(self, batch: Batch, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
         self.feed_refiner(batch, state)
+        avg, feats_1 = self.guess(batch.x_ulb, state)
         with torch.no_grad():  # the guess needs no gradient (official DASO: no alignment loss)
-            (logits_1, feats_1), (logits_2, _) = forward_all(state.model, *batch.x_ulb)
-            # q_bar = 1/K sum_k p_model(y | u_k)  (MixMatch Eq. 6)
-            avg = (torch.softmax(logits_1.detach().float(), -1)
-                   + torch.softmax(logits_2.detach().float(), -1)) / 2
             linear = avg.argmax(dim=-1)
             targets_u = sharpen(avg, cfg.temperature)  # (Eq. 7)
             # DASO: semantic label of view 1's features, blended into the sharpened average
@@ -68,10 +133,10 @@ class MixMatch(Algorithm):
             pseudo = targets_u.argmax(dim=-1)
         self.refiner.observe(pseudo)
 
-        n_lb = batch.x_lb.size(0)
-        x_all = torch.cat([batch.x_lb, *batch.x_ulb])
-        y_all = torch.cat([one_hot(batch.y_lb, self.num_classes), targets_u, targets_u])
-        x_mix, y_mix, lam = mixup(x_all, y_all, cfg.mixup_alpha)  # (Eqs. 8-11)
+        n_lb, k = batch.x_lb.size(0), len(batch.x_ulb)
+        x_mix, y_mix, lam = mix_batches(  # (Eqs. 8-11) under cfg.mixup_mode
+            batch.x_lb, one_hot(batch.y_lb, self.num_classes), torch.cat(batch.x_ulb),
+            targets_u.repeat(k, 1), cfg.mixup_mode, cfg.mixup_alpha)
         logits = state.model(x_mix).logits.float()
 
         loss_x = soft_cross_entropy(logits[:n_lb], y_mix[:n_lb]).mean()  # L_X (Eq. 3)

@@ -39,6 +39,7 @@ from imbssl.algorithms.ops import (
     sharpen,
     soft_cross_entropy,
 )
+from imbssl.data.ctaugment import build_ctaugment, with_ctaugment
 from imbssl.pseudo.base import add_extra_loss
 from imbssl.pseudo.dist_align import build_dist_align
 
@@ -55,6 +56,7 @@ class ReMixMatchConfig(AlgorithmConfig):
     rampup_ratio: float = 0.016  # linear ramp of lambda_U, lambda_U1 (DASO CONS_RAMPUP_ITERS_RATIO)
     dist_align: str = "labeled"  # labeled | uniform | none (paper: labeled p(y))
     dist_align_window: int = 128  # batches in p~(y) (paper; DASO Queue max_size)
+    strong_augment: str = "randaugment"  # randaugment (DASO) | ctaugment (ReMixMatch paper)
 
 
 def rotation_head(feat_dim: int) -> nn.Linear:
@@ -77,6 +79,8 @@ class ReMixMatch(Algorithm):
         super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
         self.dist_align = build_dist_align(cfg.dist_align, num_classes, self.labeled_prior,
                                            cfg.dist_align_window)
+        self.ctaugment = build_ctaugment(cfg.strong_augment)  # its weights: a buffer
+        self.unlabeled_views = with_ctaugment(type(self).unlabeled_views, self.ctaugment)
 
     @classmethod
     def make_heads(cls, cfg, feat_dim: int, num_classes: int) -> dict[str, nn.Module]:
@@ -86,6 +90,7 @@ class ReMixMatch(Algorithm):
         cfg, model = self.cfg, state.model
         x_w, x_s1, x_s2 = batch.x_ulb
         self.feed_refiner(batch, state)
+        probe_logs = self.probe_ctaugment(batch, state)
         (logits_w, feats_w), (logits_s1, feats_s1) = forward_all(model, x_w, x_s1)
 
         with torch.no_grad():
@@ -121,7 +126,7 @@ class ReMixMatch(Algorithm):
         logs = {"loss/labeled": loss_x.detach(), "loss/unlabeled": loss_u.detach(),
                 "loss/premixup": loss_kl.detach(), "loss/rotation": loss_rot.detach(),
                 "mixup/lambda": lam, "pseudo/linear": linear, "pseudo/final": pseudo,
-                "pseudo/mask": torch.ones_like(probs[:, 0])}
+                "pseudo/mask": torch.ones_like(probs[:, 0]), **probe_logs}
         extra, extra_logs = self.refiner.extra_loss(feats_w, feats_s1, state.step)
         loss = add_extra_loss(loss, logs, extra, extra_logs)
         logs.update(self.refiner.pseudo_logs())

@@ -467,13 +467,22 @@ class Augmenter:
         if x.shape[1] != len(self.mean):
             raise ValueError(f"images have {x.shape[1]} channels, normalization has "
                              f"{len(self.mean)}")
-        key = str(x.device)
-        if key not in self._norm_cache:
-            m = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-            s = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-            self._norm_cache[key] = (1.0 / (255.0 * s), -m / s)
-        scale, shift = self._norm_cache[key]
+        scale, shift = self._norm_params(x.device)
         return torch.addcmul(shift, _as_float(x), scale)
+
+    def _norm_params(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(scale, shift) of normalize on device, cached."""
+        key = str(device)
+        if key not in self._norm_cache:
+            m = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
+            s = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
+            self._norm_cache[key] = (1.0 / (255.0 * s), -m / s)
+        return self._norm_cache[key]
+
+    def to_u8(self, x: Tensor) -> Tensor:
+        """Inverse of normalize: normalized float32 -> the uint8 images (exact, rounded)."""
+        scale, shift = self._norm_params(x.device)
+        return ((x.float() - shift) / scale).round_().clamp_(0, 255).to(torch.uint8)
 
     def pad(self, height: int) -> int:
         """Reflect padding of the random crop: round(pad_fraction * H) (4 at 32, 1 at 8)."""
@@ -521,8 +530,11 @@ class Augmenter:
         """Normalized float32 strong view."""
         return self.normalize(self.strong_u8(x, gen))
 
-    def view(self, name: str, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
-        """The view called name: "weak", "strong" or "none" (normalization only)."""
+    def view(self, name, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
+        """The view called name: "weak", "strong" or "none" (normalization only), or a
+        callable view(augmenter, x, gen) an algorithm brings (CTAugment's strong view)."""
+        if callable(name):
+            return name(self, x, gen)
         if name == "none":
             return self.normalize(x)
         if name not in ("weak", "strong"):

@@ -46,6 +46,8 @@ def test_rows_cover_the_matrix():
     assert expected_rows() <= names, sorted(expected_rows() - names)
     # every experiment file is either a matrix row or named in this list
     others = {p.stem for p in EXPERIMENTS.glob("*.yaml")} - names
+    # MixMatch Table 4 rows: checked in tests/algorithms/test_mixmatch_ablation.py
+    others = {o for o in others if not o.startswith("mixmatch_ablation_")}
     assert not others, f"experiment files outside the row naming scheme: {sorted(others)}"
 
 

@@ -37,6 +37,8 @@ CONFIGS = {
 }
 
 
+# CTAugment: each process probes its share; the bin-weight updates are all-gathered
+CONFIGS["fixmatch_cta"] = ["pseudo=none", "algorithm.strong_augment=ctaugment"]
 # the labeled memory bank is cross-process state (gathered before every write)
 CONFIGS["simmatch"] = ["algorithm=simmatch", "pseudo=none", "algorithm.dist_align_window=3"]
 
