@@ -142,6 +142,9 @@ def _read_yaml(path: Path) -> dict:
 
 
 def setting_of(cfg: dict) -> str:
+    """consistent | uniform | reversed; "all" for supervised (no unlabeled data)."""
+    if cfg["algorithm"]["name"] == "supervised":
+        return "all"
     d = cfg["dataset"]
     if d.get("reverse_unlabeled"):
         return "reversed"
@@ -291,7 +294,7 @@ def group(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return out
 
 
-SETTING_ORDER = ["consistent", "uniform", "reversed"]
+SETTING_ORDER = ["all", "consistent", "uniform", "reversed"]
 
 
 def _order(key: tuple[str, str]) -> tuple:

@@ -157,6 +157,10 @@ def test_records_from_run_folders(runs):
 
 
 def test_method_labels():
+    assert bench.setting_of({"algorithm": {"name": "supervised"},
+                             "dataset": {"gamma_u": 100.0}}) == "all"
+    assert bench.setting_of({"algorithm": {"name": "fixmatch"},
+                             "dataset": {"gamma_u": 100.0, "reverse_unlabeled": True}}) == "reversed"
     base = {"algorithm": {"name": "fixmatch"}}
     assert bench.method_of({**base, "pseudo": {"name": "none"}}) == "fixmatch"
     assert bench.method_of({**base, "pseudo": {"name": "daso", "blend": True}}) == "fixmatch+daso"
