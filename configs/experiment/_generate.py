@@ -139,6 +139,13 @@ def _yaml_value(v: object) -> str:
     return str(v)
 
 
+def dist_temperature_lines(s: Setting) -> list[str]:
+    """The row's ``pseudo.dist_temperature`` with the paper's rule beside it."""
+    rule = ("CIFAR-10 with gamma_l = gamma_u" if s.dist_temperature == 1.5
+            else "CIFAR-100, STL-10 and mismatched CIFAR-10")
+    return ["pseudo:", f"  dist_temperature: {s.dist_temperature}  # DASO T_dist for {rule}"]
+
+
 def render(s: Setting, algo: str, daso: bool) -> tuple[str, str]:
     name = f"{s.name}_{algo}{'_daso' if daso else ''}"
     label = {"fixmatch": "FixMatch", "remixmatch": "ReMixMatch", "mixmatch": "MixMatch",
@@ -160,9 +167,7 @@ def render(s: Setting, algo: str, daso: bool) -> tuple[str, str]:
     lines.append("algorithm:")
     lines += [f"  {k}: {_yaml_value(v)}" for k, v in algorithm_values(algo, daso, s).items()]
     if daso:
-        rule = ("CIFAR-10 with gamma_l = gamma_u" if s.dist_temperature == 1.5
-                else "CIFAR-100, STL-10 and mismatched CIFAR-10")
-        lines += ["pseudo:", f"  dist_temperature: {s.dist_temperature}  # DASO T_dist for {rule}"]
+        lines += dist_temperature_lines(s)
     lines += ["run_dir: runs/${experiment_name}-seed${seed}", f"experiment_name: {name}"]
     return name, "\n".join(lines) + "\n"
 
@@ -193,9 +198,7 @@ def render_mini(s: Setting, algo: str, daso: bool) -> tuple[str, str]:
         lines.append("algorithm:")
         lines += [f"  {k}: {_yaml_value(v)}" for k, v in algorithm_values(algo, daso, s).items()]
     if daso:
-        rule = ("CIFAR-10 with gamma_l = gamma_u" if s.dist_temperature == 1.5
-                else "CIFAR-100, STL-10 and mismatched CIFAR-10")
-        lines += ["pseudo:", f"  dist_temperature: {s.dist_temperature}  # DASO T_dist for {rule}"]
+        lines += dist_temperature_lines(s)
     lines += ["run_dir: runs/mini/${experiment_name}-seed${seed}",
               f"experiment_name: mini_{name}"]
     return f"mini/{name}", "\n".join(lines) + "\n"
@@ -244,12 +247,14 @@ def ablation_rows() -> dict[str, str]:
     return {name: text}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, wanted: dict[str, str] | None = None,
+         description: str | None = None) -> int:
+    """Write (or ``--check``, ``--list``) ``wanted`` rows, default: this script's rows."""
+    p = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="compare instead of writing")
     p.add_argument("--list", action="store_true", help="print the row names")
     args = p.parse_args(argv)
-    wanted = rows()
+    wanted = rows() if wanted is None else wanted
     if args.list:
         print("\n".join(wanted))
         return 0

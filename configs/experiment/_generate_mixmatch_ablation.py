@@ -17,7 +17,6 @@ The paper's ICT row is another method, not a MixMatch switch, and has no file he
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -80,24 +79,11 @@ def rows() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--check", action="store_true", help="compare instead of writing")
-    p.add_argument("--list", action="store_true", help="print the row names")
-    args = p.parse_args(argv)
-    wanted = rows()
-    if args.list:
-        print("\n".join(wanted))
-        return 0
-    stale = [n for n, text in wanted.items()
-             if not (HERE / f"{n}.yaml").is_file() or (HERE / f"{n}.yaml").read_text() != text]
-    if args.check:
-        for n in stale:
-            print(f"out of date: configs/experiment/{n}.yaml", file=sys.stderr)
-        return 1 if stale else 0
-    for n in stale:
-        (HERE / f"{n}.yaml").write_text(wanted[n])
-    print(f"{len(wanted)} rows, {len(stale)} written")
-    return 0
+    """Write (or --check, --list) the rows with the matrix generator's writer."""
+    sys.path.insert(0, str(HERE))
+    from _generate import main as write_rows
+
+    return write_rows(argv, rows(), __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ class ModelConfig:
     #: normalisation layers: batch | group | none (group and none: small_cnn only)
     norm: str = "batch"
     #: momentum of every batch-norm layer; null keeps the backbone's own (WRN 0.1, small_cnn 0.01)
-    bn_momentum: Optional[float] = None
+    bn_momentum: Optional[float] = None  # noqa: UP045 (OmegaConf reads typing.Optional)
     #: WRN widening-block input: official (DASO / TF FixMatch) | port (PyTorch FixMatch ports)
     wrn_residual: str = "official"
     #: EMA decay warm-up min(1 - 1/(step+1), ema_decay) (official DASO ema_model.py)

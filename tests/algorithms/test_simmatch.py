@@ -1,10 +1,9 @@
 """SimMatch: unfolding/aggregation on a toy bank (hand-computed) and the labeled memory bank."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.nn import functional as F
-
-import pytest
 
 from imbssl.algorithms.base import StepState, forward_all
 from imbssl.algorithms.ops import one_hot
