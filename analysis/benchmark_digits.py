@@ -283,14 +283,20 @@ def write_outputs(args, records: list[dict], methods: list[str], wall: float) ->
     return md
 
 
-def parse_args(argv: list[str] | None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def budget_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every digits-LT benchmark shares: budget, evaluation and seeds."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iterations", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--eval-interval", type=int, default=10)
     p.add_argument("--summary-last", type=int, default=20)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    return p
+
+
+def parse_args(argv: list[str] | None):
+    p = budget_parser(__doc__)
     p.add_argument("--algorithms", nargs="+", default=ALGORITHMS, choices=ALGORITHMS)
     p.add_argument("--no-daso", action="store_true", help="skip the +DASO runs")
     p.add_argument("--daso-config", default="daso_quick", help="pseudo=... for the +DASO runs")

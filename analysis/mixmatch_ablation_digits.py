@@ -15,7 +15,6 @@ records ``mixmatch_ablation_digits_runs.{csv,json}``.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import multiprocessing as mp
@@ -181,13 +180,7 @@ Raw per-run records: `{NAME}_runs.csv` / `{NAME}_runs.json`.
 
 
 def parse_args(argv: list[str] | None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--iterations", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--eval-interval", type=int, default=10)
-    p.add_argument("--summary-last", type=int, default=20)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p = bench.budget_parser(__doc__)
     p.add_argument("--rows", nargs="+", default=None, help="a subset of the rows")
     p.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides")
     p.add_argument("--workers", type=int, default=2, help="parallel processes")
