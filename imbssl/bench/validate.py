@@ -17,7 +17,7 @@
    rotate / shear at pixel boundaries where the two devices round ``affine_grid``
    differently). The draws themselves differ by design: each device has its own generator.
 2. ``bench``: ``imbssl bench --experiments`` for the bench rows (default WRN-28-2 FixMatch and
-   FixMatch+DASO, DASO's batch: 64 labeled + 2 x 64 unlabeled x 2 views) in each of
+   FixMatch+DASO, DASO's batch: 64 labeled + 128 unlabeled x 2 views) in each of
    ``--precisions`` (fp32 and bf16), compiled like ``trainer=daso_protocol``: it/s, MFU and
    the 250k-iteration time; the DataLoader + PIL pipeline beside it at bf16.
 3. ``train``: the train row (FixMatch+DASO, CIFAR-10-LT) for ``--train-s`` seconds in a

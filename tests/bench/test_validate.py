@@ -255,3 +255,27 @@ def test_bench_does_not_import_the_cli():
             "sys.exit('imbssl.cli' in sys.modules)")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+
+
+def test_gpu_mode_configs_compose(tmp_path):
+    """What the GPU run will train, composed here (the dry run swaps dataset and model)."""
+    from imbssl.engine.config import compose
+
+    ctx = V._context(V.parser().parse_args(["run", "--out", str(tmp_path), "--data-root",
+                                            "/data", "--set", "seed=3"]))
+    assert (ctx.dry, ctx.steps, ctx.compile_modes, ctx.budget_s) == (False, 30, [False, True],
+                                                                     420.0)
+    cases = V.smoke_cases(ctx)
+    assert len(cases) == 2 * (len(V.SMOKE_ROWS) + 1)
+    for name, base, compile_ in cases:
+        ov = V.smoke_overrides(ctx, base, compile_, tmp_path / "run", report=False)
+        cfg = compose(V.with_daso_schedule(ov, compose(ov), ctx.steps))
+        assert (cfg.model.name, cfg.dataset.name, cfg.dataset.root) == ("wrn28_2", "cifar10",
+                                                                         "/data")
+        assert cfg.trainer.precision == "bf16" and cfg.trainer.compile is compile_
+        assert cfg.trainer.batch_size == 64 and cfg.seed == 3 and cfg.device == "cuda"
+        assert cfg.trainer.iterations == 30 and cfg.trainer.checkpoint_interval == 30
+        if name.endswith("_daso"):
+            assert (cfg.pseudo.warmup_iters, cfg.pseudo.dist_window) == (10, 5)
+        else:
+            assert cfg.pseudo.name == "none"
