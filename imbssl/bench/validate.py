@@ -238,6 +238,9 @@ def check_aug(ctx: Context) -> dict:
     if not torch.cuda.is_available():
         return skipped("no CUDA device: only the CPU replay was checked", **details)
     pc = params_to(p, "cuda")
+    x_cuda = x.cuda()
+    same_seed = [aug.strong_u8(x_cuda, torch.Generator(device="cuda").manual_seed(0))
+                 for _ in range(2)]
     weak_equal = torch.equal(replay_weak(aug, x.cuda(), pc).cpu(), replay_weak(aug, x, p))
     cuda = replay_strong(aug, x.cuda(), pc).cpu()
     diff = cuda.int() - cpu.int()
@@ -246,13 +249,15 @@ def check_aug(ctx: Context) -> dict:
                          if RANDAUG_OPS[int(op[i])] != "identity")
     norm_cpu, norm_cuda = aug.normalize(cpu), aug.normalize(cpu.cuda()).cpu()
     details.update({
+        "cuda_generator_repeatable": bool(torch.equal(*same_seed)),
         "weak_bitwise_equal": weak_equal, "strong_bitwise_equal": bool(diff.eq(0).all()),
         "strong_pixels_differing": int(diff.ne(0).sum()),
         "strong_fraction_differing": float(diff.ne(0).float().mean()),
         "strong_max_abs_diff": int(diff.abs().max()), "images_differing": len(bad_images),
         "ops_in_differing_images": dict(ops_of_bad), "tolerance_fraction": AUG_TOLERANCE,
         "normalize_max_abs_diff": float((norm_cpu - norm_cuda).abs().max())})
-    if not weak_equal or details["strong_fraction_differing"] > AUG_TOLERANCE:
+    if (not weak_equal or not details["cuda_generator_repeatable"]
+            or details["strong_fraction_differing"] > AUG_TOLERANCE):
         return failed("CUDA augmentation differs from the CPU beyond the tolerance", **details)
     return passed(**details)
 
@@ -508,10 +513,22 @@ def check_sync(trainer, steps: int) -> dict:
     return passed(**details)
 
 
+def dynamo_counts() -> Counter:
+    """Graphs compiled and graph breaks so far in this process (torch._dynamo's counters)."""
+    from torch._dynamo.utils import counters
+
+    return Counter({"graphs": counters["stats"]["unique_graphs"],
+                    "graph_breaks": sum(counters["graph_break"].values())})
+
+
 def run_smoke_case(ctx: Context, name: str, base: list[str], compile_: bool,
                    report: bool) -> dict:
     from imbssl.engine.config import compose
     from imbssl.engine.trainer import Trainer
+
+    if compile_:  # every case compiles afresh, as its own process would (no cache limit hit)
+        torch._dynamo.reset()
+    before = dynamo_counts()
 
     run_dir = ctx.work / "smoke" / f"{name}-compile_{'on' if compile_ else 'off'}"
     result = {"case": name, "compile": compile_, "run_dir": str(run_dir.relative_to(ctx.work))}
@@ -528,6 +545,8 @@ def run_smoke_case(ctx: Context, name: str, base: list[str], compile_: bool,
             trainer.run()
         result["run_s"] = time.perf_counter() - start
         result["paths"] = paths = trainer_paths(trainer)
+        if compile_:
+            result["dynamo"] = dict(dynamo_counts() - before) or {"graphs": 0}
         train_rows, losses = loss_problems(run_dir)
         problems = (path_problems(paths, compile_, ctx.dry) + losses
                     + run_folder_problems(run_dir, ctx.steps, report))

@@ -279,3 +279,10 @@ def test_gpu_mode_configs_compose(tmp_path):
             assert (cfg.pseudo.warmup_iters, cfg.pseudo.dist_window) == (10, 5)
         else:
             assert cfg.pseudo.name == "none"
+
+
+def test_dynamo_counts_count_compiled_graphs():
+    torch._dynamo.reset()
+    before = V.dynamo_counts()
+    torch.compile(lambda t: t * 2 + 1, backend="eager")(torch.ones(3))
+    assert (V.dynamo_counts() - before)["graphs"] == 1
