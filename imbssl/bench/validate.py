@@ -599,6 +599,9 @@ def environment(ctx: Context) -> dict:
            else torch.cuda.get_device_name(0), **git_commit()}
     if torch.cuda.is_available():
         env["cudnn"] = torch.backends.cudnn.version()
+    prepared = REPO / DEVICE_DIR / "source.json"  # the device copy has no .git
+    if env["git_commit"] == "unknown" and prepared.is_file():
+        env["commit_at_prep"] = json.loads(prepared.read_text())
     return env
 
 
@@ -683,12 +686,20 @@ def write_results(ctx: Context, results: dict) -> None:
     (ctx.out / "gpu_validate.md").write_text(markdown(results))
 
 
+def commit_line(env: dict) -> str:
+    """The commit that ran: this tree's, else the one recorded when .device/ was prepared."""
+    source = env if env.get("git_commit", "unknown") != "unknown" else env.get(
+        "commit_at_prep", {})
+    text = source.get("git_commit", "unknown")[:12] + (" + uncommitted changes" if source.get(
+        "git_dirty") else "")
+    return text + (" (at --prep)" if source is not env else "")
+
+
 def markdown(results: dict) -> str:
     env, items = results["environment"], results["items"]
     lines = [f"# GPU validation ({results['mode']})", "",
              f"{results['started']}, device {env['device']}, torch {env['torch']} (CUDA "
-             f"{env.get('cuda')}), commit {env.get('git_commit', '?')[:12]}"
-             + (" + uncommitted changes" if env.get("git_dirty") else "")
+             f"{env.get('cuda')}), commit {commit_line(env)}"
              + f"; {results.get('seconds', 0):.0f} s of a {results['budget_s']:.0f} s budget.",
              "", "| item | status | detail |", "|---|---|---|"]
     for name, item in items.items():
@@ -752,6 +763,17 @@ def tree_bytes(repo: Path) -> int:
     return sum(p.stat().st_size for p in paths if p.is_file() and not p.is_symlink())
 
 
+def git_commit_of(repo: Path) -> dict:
+    """HEAD of ``repo`` and whether tracked files differ from it."""
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                             check=False)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    return {"git_commit": git("rev-parse", "HEAD") or "unknown",
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
 def prep(shared: Path, repo: Path, limit_mib: float = CARRY_LIMIT_MIB) -> dict:
     """Copy the Hydra wheels and the CIFAR-10 JPEG npz (+ materialize.py) into .device/."""
     from imbssl.errors import UserError
@@ -768,6 +790,7 @@ def prep(shared: Path, repo: Path, limit_mib: float = CARRY_LIMIT_MIB) -> dict:
         (dest / sub).mkdir(parents=True, exist_ok=True)
         for f in files:
             shutil.copyfile(f, dest / sub / f.name)
+    (dest / "source.json").write_text(json.dumps(git_commit_of(repo)) + "\n")
     carried = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()
                   and not p.is_relative_to(dest / "site") and not p.is_relative_to(
                       dest / "datasets"))

@@ -231,11 +231,17 @@ def test_prep_copies_wheels_and_data_and_checks_the_size(tmp_path):
     files = sorted(p.relative_to(repo / ".device").as_posix()
                    for p in (repo / ".device").rglob("*") if p.is_file())
     assert files == ["data/cifar10_test_jpeg.npz", "data/cifar10_train_jpeg.npz",
-                     "data/materialize.py",
+                     "data/materialize.py", "source.json",
                      "wheels/antlr4_python3_runtime-4.9.3-py3-none-any.whl",
                      "wheels/hydra_core-1.3.8-py3-none-any.whl",
                      "wheels/omegaconf-2.3.0-py3-none-any.whl"]
-    assert info["carried_mib"] == pytest.approx(2 + (3000 + 12) / 2**20, abs=1e-3)
+    assert info["carried_mib"] == pytest.approx(2 + 3012 / 2**20, abs=1e-3)
+    source = json.loads((repo / ".device" / "source.json").read_text())
+    assert source == {"git_commit": "unknown", "git_dirty": False}  # a repo with no commit
+    assert V.commit_line({"git_commit": "unknown", "commit_at_prep": {
+        "git_commit": "0123456789abcdef", "git_dirty": True}}) == (
+        "0123456789ab + uncommitted changes (at --prep)")
+    assert V.commit_line({"git_commit": "fedcba9876543210", "git_dirty": False}) == "fedcba987654"
     assert info["total_mib"] >= info["carried_mib"]
     with pytest.raises(UserError, match="over the device tool's 1.5 MiB"):
         V.prep(shared, repo, limit_mib=1.5)
