@@ -502,11 +502,11 @@ def check_sync(trainer, steps: int) -> dict:
     try:
         for _ in range(steps):
             trainer.train_step()
-        torch.cuda.synchronize(trainer.device)  # our own sync, outside the mode
     except RuntimeError as exc:
         error = f"{error_text(exc)} at {sync_site(traceback.extract_tb(exc.__traceback__), '?')}"
     finally:
         torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize(trainer.device)  # our own sync (the debug mode would flag it)
     details = {"steps_warn": steps, "steps_error": steps, "sync_sites": dict(sites)}
     if sites or error:
         return failed(error or f"{sum(sites.values())} host syncs", **details)
