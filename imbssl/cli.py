@@ -87,14 +87,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def compose(overrides: list[str]):
     """The config that ``imbssl train overrides`` will run (validated against the schemas)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from imbssl.engine.config import compose as compose_config
 
-    from imbssl.engine.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
+    return compose_config(overrides)
 
 
 def _is_hydra_override(arg: str) -> bool:

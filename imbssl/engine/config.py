@@ -7,6 +7,7 @@ registered here (algorithms and refiners from their own registries, no hand-kept
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -14,6 +15,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from imbssl.data import DatasetConfig
 from imbssl.models import ModelConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 @dataclass
@@ -98,6 +101,16 @@ def register_configs() -> None:
         cs.store(group="pseudo", name=f"{name}_schema", node=schema)
     for name, cls in registry().items():
         cs.store(group="algorithm", name=f"{name}_schema", node=cls.Config)
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The config that ``imbssl train overrides`` will run (validated against the schemas)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
 
 
 def to_object(node: DictConfig | Any, schema: type | None = None) -> Any:

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from imbssl import bench
-from imbssl.bench_conventional import PIL_OPS, PILDataset, PILRandAugment, PILViews, to_pil
+from imbssl.bench import throughput as bench
+from imbssl.bench.conventional import PIL_OPS, PILDataset, PILRandAugment, PILViews, to_pil
 from imbssl.errors import UserError
 
 RATE_KEYS = {"its_per_s", "images_per_s", "ms_per_it", "peak_mem_mb", "minutes_250k", "mfu",

@@ -1,8 +1,9 @@
 """``imbssl bench``: training throughput of the device-resident pipeline, and of a conventional
 DataLoader + PIL pipeline feeding the same model and training step.
 
-For each algorithm spec (``fixmatch``, ``fixmatch+daso``, ...) and labeled batch size it
-builds the ``Trainer`` from the composed config, warms up, times ``trainer.train_step()``
+For each algorithm spec (``fixmatch``, ``fixmatch+daso``, ...) and labeled batch size, or
+each experiment row by name (``--experiments cifar10_lt_g100_n1500_fixmatch_daso``: the row's
+dataset, model, algorithm, refiner and batch), it builds the ``Trainer`` from the composed config, warms up, times ``trainer.train_step()``
 in up to 5 chunks (synchronizing CUDA before reading the clock) and reports:
 
 * iterations/s (the median of the chunk rates; the table adds the slowest-fastest chunk in
@@ -24,9 +25,12 @@ in up to 5 chunks (synchronizing CUDA before reading the clock) and reports:
 
 DASO is benchmarked in its steady state: ``pseudo.warmup_iters=0`` so blending and the
 alignment loss run from the first step (a real run starts them after 5000 iterations).
+The measuring itself is in :mod:`imbssl.bench.measure`, the DataLoader + PIL pipeline in
+:mod:`imbssl.bench.conventional`.
 
     imbssl bench --dataset cifar10_lt --model wrn28_2 --algorithms fixmatch,fixmatch+daso \\
         --batch-size 64 --uratio 2 --iters 50 --warmup 5 --workers 8 --json bench.json
+    imbssl bench --experiments cifar10_lt_g100_n1500_fixmatch_daso --set trainer.precision=fp32
 """
 from __future__ import annotations
 
@@ -35,32 +39,38 @@ import gc
 import json
 import os
 import platform
-import resource
-import statistics
 import sys
 import tempfile
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-ESTIMATE_ITERS = 250_000
-# bf16 dense tensor-core peak (TFLOP/s) by a substring of torch.cuda.get_device_name()
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
-               ("A100", 312.0))
+from imbssl.bench.measure import (
+    ESTIMATE_ITERS,
+    MemoryMeter,
+    counted_step_flops,
+    default_peak_tflops,
+    device_name,
+    forward_flops_per_image,
+    images_per_step,
+    maxrss_mb,
+    time_steps,
+)
+
 QUICK = {"iters": 3, "warmup": 1}
 DEFAULTS = {"iters": 30, "warmup": 5}
 
 
 @dataclass
 class Spec:
-    """One benchmarked algorithm: ``fixmatch`` or ``fixmatch+daso``."""
+    """One benchmarked case: an algorithm (``fixmatch`` or ``fixmatch+daso``) on the
+    ``--dataset`` / ``--model`` options, or an experiment row by name (``experiment`` set)."""
 
     text: str
     algorithm: str
     pseudo: str
+    experiment: str | None = None
 
 
 def parse_spec(text: str) -> Spec:
@@ -75,14 +85,29 @@ def parse_spec(text: str) -> Spec:
     return Spec(text, parts[0], pseudo)
 
 
+def experiment_spec(row: str) -> Spec:
+    """A case that runs experiment row ``row`` (configs/experiment/<row>.yaml)."""
+    from imbssl.engine.config import CONFIG_DIR
+    from imbssl.errors import UserError
+
+    if not (CONFIG_DIR / "experiment" / f"{row}.yaml").is_file():
+        raise UserError(f"--experiments entry {row!r} is not an experiment row; see "
+                        "configs/experiment/ (python configs/experiment/_generate.py --list)")
+    return Spec(row, "", "", experiment=row)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="imbssl bench", description="Training-throughput benchmark: device-resident "
         "pipeline vs. a DataLoader + PIL pipeline, same model and training step.")
     p.add_argument("--algorithms", default="fixmatch,fixmatch+daso",
                    help="comma-separated ALGORITHM[+daso] (default: %(default)s)")
-    p.add_argument("--batch-size", default="64",
-                   help="labeled batch size(s), comma-separated (default: %(default)s)")
+    p.add_argument("--experiments", default=None,
+                   help="comma-separated experiment rows to bench instead of --algorithms "
+                        "(each row's dataset, model, algorithm, refiner and batch size)")
+    p.add_argument("--batch-size", default=None,
+                   help="labeled batch size(s), comma-separated (default: 64; with "
+                        "--experiments: the row's)")
     p.add_argument("--uratio", type=int, default=None,
                    help="unlabeled batches per labeled one (mu); default: the algorithm's")
     p.add_argument("--model", default="wrn28_2", help="model config (default: %(default)s)")
@@ -113,210 +138,35 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-# ----------------------------------------------------------------------------- measuring
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _maxrss_mb() -> float:
-    """Process high-water resident set size in MiB (Linux reports KiB, macOS bytes)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
-
-
-def _rss_mb() -> float | None:
-    """Current resident set size in MiB from /proc/self/statm (None where there is none)."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _malloc_trim() -> None:
-    """Give freed heap memory back to the OS (glibc), so an RSS baseline is not inflated."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class MemoryMeter:
-    """Peak memory of one case, from ``begin()`` (before the trainer is built) to ``end()``.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` after a peak reset. CPU: the growth of the
-    resident set size, sampled every 10 ms from /proc/self/statm by a thread, over a baseline
-    taken after gc + malloc_trim; where /proc is missing, the growth of ``ru_maxrss`` (which
-    reads 0 when an earlier case already reached a higher peak). Either way the figure holds
-    the dataset copy, model, optimizer state and the step's activations; DataLoader worker
-    processes are not counted.
-    """
-
-    def __init__(self, device: torch.device, interval: float = 0.01):
-        self.device, self.interval = device, interval
-        self.base = self.peak = 0.0
-        self._stop: threading.Event | None = None
-        self._thread: threading.Thread | None = None
-        self.sampled = device.type != "cuda" and _rss_mb() is not None
-
-    @property
-    def method(self) -> str:
-        if self.device.type == "cuda":
-            return ("torch.cuda.max_memory_allocated (device memory incl. the device-resident "
-                    "dataset)")
-        if self.sampled:
-            return ("CPU: peak growth of the process RSS over the case (sampled every 10 ms "
-                    "from /proc/self/statm; incl. the dataset copy; DataLoader workers not "
-                    "counted)")
-        return "CPU: growth of the process peak RSS (ru_maxrss) over the case"
-
-    def begin(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        if not self.sampled:
-            self.base = _maxrss_mb()
-            return
-        gc.collect()
-        _malloc_trim()
-        self.base = self.peak = _rss_mb() or 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, _rss_mb() or 0.0)
-
-    def end(self) -> float:
-        """Peak MiB since begin()."""
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        if not self.sampled:
-            return max(0.0, _maxrss_mb() - self.base)
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_mb() or 0.0)
-        return max(0.0, self.peak - self.base)
-
-
-def time_steps(trainer, warmup: int, iters: int, chunks: int = 5) -> dict:
-    """Run ``warmup`` untimed and ``iters`` timed training steps, timed in up to ``chunks``
-    consecutive chunks (one device sync at the end of each). The reported rate is the median
-    of the chunk rates, which resists interference from other processes on a shared machine;
-    the mean over all timed steps and the slowest/fastest chunk are kept too."""
-    for _ in range(warmup):
-        trainer.train_step()
-    trainer.flush_scalars()
-    _sync(trainer.device)
-    chunks = max(1, min(chunks, iters))
-    sizes = [iters // chunks + (1 if i < iters % chunks else 0) for i in range(chunks)]
-    rates, total = [], 0.0
-    for n in sizes:
-        start = time.perf_counter()
-        for _ in range(n):
-            trainer.train_step()
-        _sync(trainer.device)
-        seconds = time.perf_counter() - start
-        rates.append(n / seconds)
-        total += seconds
-    trainer.flush_scalars()  # one host transfer; raises on a non-finite loss
-    return {"iters": iters, "seconds": total, "its_per_s": statistics.median(rates),
-            "its_per_s_mean": iters / total, "its_per_s_min": min(rates),
-            "its_per_s_max": max(rates)}
-
-
-def forward_flops_per_image(trainer) -> float:
-    """FLOPs of one forward of the model per image (FlopCounterMode, matmul/conv only)."""
-    import copy
-
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = copy.deepcopy(trainer.model).eval()
-    x = trainer.data.augmenter.normalize(trainer.data.labeled.images[:2])
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(x)
-    del model
-    return counter.get_total_flops() / x.shape[0]
-
-
-def counted_step_flops(trainer) -> float | None:
-    """FLOPs of one whole training step (forward + backward of every pass) under
-    FlopCounterMode, run eagerly; None if counting fails for this step."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    compiled, trainer.forward_model = trainer.forward_model, trainer.model
-    counter = FlopCounterMode(display=False)
-    try:
-        with counter:
-            trainer.train_step()
-    except Exception:  # noqa: BLE001 - counting is best-effort, the timing does not need it
-        return None
-    finally:
-        trainer.forward_model = compiled
-    return float(counter.get_total_flops())
-
-
-def images_per_step(trainer) -> dict:
-    """Labeled, unlabeled (all views) and no-grad images of one step; trained images for the
-    FLOP estimate (every image in a forward with gradient)."""
-    algo = trainer.algo
-    b = trainer.tcfg.batch_size
-    ub = b * int(algo.cfg.uratio) if algo.unlabeled_views else 0
-    views = len(algo.unlabeled_views)
-    daso = getattr(algo.refiner, "needs_labeled_features", False)
-    name = type(algo).__name__.lower()
-    trained = b + ub * views
-    nograd = b if daso else 0
-    if name == "remixmatch":  # weak + strong1, mixed (lb + 3 views), rotated strong1
-        trained = 2 * ub + (b + ub * views) + ub
-    elif name == "mixmatch":  # guess on both weak views (grad only with DASO), mixed batch
-        trained = (b + ub * views) + (ub * views if daso else 0)
-        nograd += 0 if daso else ub * views
-    elif name == "simmatch":  # EMA bank forward of the labeled batch
-        nograd += b
-    return {"labeled": b, "unlabeled": ub * views, "views": views, "uratio": ub // b if b else 0,
-            "total": b + ub * views, "trained": trained, "no_grad": nograd}
-
-
-def default_peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_TFLOPS:
-        if key in name:
-            return tflops
-    return None
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores, " \
-           f"{torch.get_num_threads()} torch threads)"
-
-
 # ----------------------------------------------------------------------------- one case
 
-def overrides(args, spec: Spec, batch_size: int, run_dir: str) -> list[str]:
-    ov = [f"dataset={args.dataset}", f"algorithm={spec.algorithm}", f"pseudo={spec.pseudo}",
-          f"model={args.model}", "trainer=default", f"trainer.batch_size={batch_size}",
-          f"trainer.iterations={ESTIMATE_ITERS}", "trainer.progress=false",
-          "trainer.tensorboard=false", "trainer.report=false",
-          f"trainer.compile={'true' if args.compile else 'false'}", f"device={args.device}",
-          f"run_dir={run_dir}"]
+def overrides(args, spec: Spec, batch_size: int | None, run_dir: str) -> list[str]:
+    if spec.experiment is not None:
+        ov = [f"experiment={spec.experiment}"]
+    else:
+        ov = [f"dataset={args.dataset}", f"algorithm={spec.algorithm}",
+              f"pseudo={spec.pseudo}", f"model={args.model}", "trainer=default"]
+    if batch_size is not None:
+        ov.append(f"trainer.batch_size={batch_size}")
+    ov += [f"trainer.iterations={ESTIMATE_ITERS}", "trainer.progress=false",
+           "trainer.tensorboard=false", "trainer.report=false",
+           f"trainer.compile={'true' if args.compile else 'false'}", f"device={args.device}",
+           f"run_dir={run_dir}"]
     if args.uratio is not None:
         ov.append(f"algorithm.uratio={args.uratio}")
-    if spec.pseudo == "daso":
-        ov.append("pseudo.warmup_iters=0")  # steady state: blending + alignment loss on
     return ov + list(args.set)
+
+
+def compose_case(args, spec: Spec, batch_size: int | None, run_dir: str):
+    """The case's config; DASO in its steady state (``pseudo.warmup_iters=0``: blending and
+    the alignment loss on from the first step)."""
+    from imbssl.engine.config import compose
+
+    ov = overrides(args, spec, batch_size, run_dir)
+    cfg = compose(ov)
+    if str(cfg.pseudo.get("name", "none")) == "daso":
+        cfg = compose(ov + ["pseudo.warmup_iters=0"])
+    return cfg
 
 
 def _rates(timing: dict, images: dict, peak_mb: float, step_flops: float | None,
@@ -343,16 +193,17 @@ def _release(trainer, device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_case(args, spec: Spec, batch_size: int, warmup: int, iters: int,
+def run_case(args, spec: Spec, batch_size: int | None, warmup: int, iters: int,
              peak_tflops_arg: float | None) -> dict:
-    from imbssl.cli import compose
-    from imbssl.engine.trainer import Trainer
+    from imbssl.engine.trainer import Trainer, resolve_device
 
-    result: dict = {"algorithm": spec.text, "batch_size": batch_size}
+    result: dict = {"algorithm": spec.text}
     with tempfile.TemporaryDirectory(prefix="imbssl-bench-") as tmp:
-        cfg = compose(overrides(args, spec, batch_size, str(Path(tmp) / "ours")))
-        from imbssl.engine.trainer import resolve_device
-
+        cfg = compose_case(args, spec, batch_size, str(Path(tmp) / "ours"))
+        result["batch_size"] = int(cfg.trainer.batch_size)
+        if spec.experiment is not None:
+            result.update(experiment=spec.experiment, dataset=str(cfg.dataset.name),
+                          model=str(cfg.model.name))
         device = resolve_device(str(cfg.device))
         meter = MemoryMeter(device)
         meter.begin()
@@ -373,15 +224,15 @@ def run_case(args, spec: Spec, batch_size: int, warmup: int, iters: int,
             "flops": {"forward_per_image": fwd, "step_flops_approx": approx,
                       "step_flops_counted": counted, "step_flops_used": step_flops},
             "ours": _rates(timing, images, meter.end(), step_flops, peak_tflops),
-            "ru_maxrss_mb": _maxrss_mb(),
+            "ru_maxrss_mb": maxrss_mb(),
             "memory_method": meter.method,
         })
         _release(trainer, device)
 
         if not args.no_conventional:
-            from imbssl.bench_conventional import ConventionalTrainer
+            from imbssl.bench.conventional import ConventionalTrainer
 
-            cfg = compose(overrides(args, spec, batch_size, str(Path(tmp) / "conventional")))
+            cfg = compose_case(args, spec, batch_size, str(Path(tmp) / "conventional"))
             meter.begin()
             trainer = ConventionalTrainer(cfg, args.workers, warmup + iters + 2)
             timing = time_steps(trainer, warmup, iters)
@@ -449,11 +300,23 @@ def _preload() -> None:
     import importlib
 
     for name in ("torch._dynamo", "torch.utils.flop_counter", "sklearn.datasets",
-                 "imbssl.engine.trainer", "imbssl.bench_conventional"):
+                 "imbssl.engine.trainer", "imbssl.bench.conventional"):
         try:
             importlib.import_module(name)
         except ImportError:
             pass
+
+
+def _batch_sizes(text: str | None, rows: bool) -> list[int | None]:
+    """--batch-size as integers; None (the row's own) for experiment rows when not given."""
+    from imbssl.errors import UserError
+
+    if text is None:
+        return [None] if rows else [64]
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--batch-size must be integers, got {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -467,25 +330,27 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--iters must be >= 1 and --warmup >= 0, got {iters} and {warmup}")
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
-    specs = [parse_spec(s) for s in args.algorithms.split(",") if s.strip()]
-    try:
-        sizes = [int(s) for s in args.batch_size.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--batch-size must be integers, got {args.batch_size!r}") from None
-    if not specs or not sizes or min(sizes) < 1:
-        raise UserError("give at least one algorithm and batch sizes >= 1")
+    if args.experiments is not None:
+        specs = [experiment_spec(s.strip()) for s in args.experiments.split(",") if s.strip()]
+    else:
+        specs = [parse_spec(s) for s in args.algorithms.split(",") if s.strip()]
+    sizes = _batch_sizes(args.batch_size, args.experiments is not None)
+    if not specs or not sizes or min(s or 1 for s in sizes) < 1:
+        raise UserError("give at least one algorithm (or experiment row) and batch sizes >= 1")
 
     _preload()
     results = []
     for spec in specs:
         for bs in sizes:
-            print(f"bench: {spec.text} batch {bs} ...", file=sys.stderr, flush=True)
+            size = "of the row" if bs is None else str(bs)
+            print(f"bench: {spec.text} batch {size} ...", file=sys.stderr, flush=True)
             results.append(run_case(args, spec, bs, warmup, iters, args.peak_tflops))
     report = {
         "command": "imbssl bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "torch": torch.__version__, "python": platform.python_version(),
         "cpu_count": os.cpu_count(), "estimate_iters": ESTIMATE_ITERS,
-        "settings": {"dataset": args.dataset, "model": args.model, "iters": iters,
+        "settings": {"dataset": args.dataset, "model": args.model,
+                     "experiments": args.experiments, "iters": iters,
                      "warmup": warmup, "workers": args.workers, "device": args.device,
                      "compile": bool(args.compile), "uratio": args.uratio,
                      "overrides": list(args.set)},
@@ -498,16 +363,3 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"json: {args.json}")
     return 0
-
-
-def _module_main() -> int:
-    from imbssl.cli import fail, one_line, user_errors
-
-    try:
-        return main()
-    except user_errors() as exc:
-        return fail(one_line(exc))
-
-
-if __name__ == "__main__":
-    sys.exit(_module_main())
