@@ -151,3 +151,15 @@ def test_decay_scope(scope, n_exempt):
     else:  # every bias and BN parameter is exempt, every conv/linear weight decayed
         assert exempt and all(p.ndim == 1 for p in exempt)
         assert all(id(p) in decayed for p in net.parameters() if p.ndim > 1)
+
+
+def test_daso_protocol_trainer_brings_the_official_recipe():
+    from imbssl.cli import compose
+
+    cfg = compose(["trainer=daso_protocol", "model=wrn28_2"])
+    assert cfg.model.ema_train_mode and cfg.model.bn_momentum == 0.1
+    assert cfg.trainer.precision == "fp32" and cfg.optim.decay_scope == "all"
+    assert cfg.dataset.geometric_fill == 0
+    port = compose(["trainer=daso_protocol", "recipe=fixmatch_port"])
+    assert not port.model.ema_train_mode and port.model.bn_momentum == 0.001
+    assert compose(["trainer=daso_protocol", "trainer.precision=bf16"]).trainer.precision == "bf16"
