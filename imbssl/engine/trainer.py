@@ -48,7 +48,7 @@ from imbssl.engine import distributed as ddp
 from imbssl.engine.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
-    load_checkpoint,
+    newest_loadable,
     remove_partial,
     save_checkpoint,
 )
@@ -176,6 +176,7 @@ class Trainer:
         self._last_eval_step = -1
         self._resumed_from: Path | None = None
         self._resumed_at = 0
+        self._damaged: list[tuple[Path, str]] = []  # newer checkpoints that failed to load
         self._prepared = False
         self._tb = None
         self._start_rng = rng_state()  # run() starts from here whatever ran in between
@@ -361,6 +362,8 @@ class Trainer:
         if self.is_main:
             if self.resume:
                 remove_partial(self.run_dir / "checkpoints")
+                for bad, _ in self._damaged:  # kept for inspection, out of every listing
+                    bad.replace(bad.with_name(bad.name + ".damaged"))
                 truncate_logs(self.run_dir, self.step_count)
             else:
                 prepare_run_dir(self.run_dir, False, self.overwrite)
@@ -650,12 +653,17 @@ class Trainer:
                 own[name].copy_(value)
 
     def load_latest(self) -> None:
+        """Load the newest good checkpoint; newer damaged ones are named on stderr and set
+        aside (renamed ``*.damaged``) when the run starts writing."""
         ckpt_dir = self.run_dir / "checkpoints"
-        path = latest_checkpoint(ckpt_dir)
-        if path is None:
+        if latest_checkpoint(ckpt_dir) is None:
             raise UserError(f"resume=true but {ckpt_dir} holds no checkpoint; run without "
                             "resume=true to start")
-        self.load_state_dict(load_checkpoint(path, self.device), path)
+        path, state, self._damaged = newest_loadable(ckpt_dir, self.device)
+        if self.is_main:
+            for bad, why in self._damaged:
+                print(f"imbssl: warning: {why}; resuming from {path.name}", file=sys.stderr)
+        self.load_state_dict(state, path)
         if self.step_count > self.tcfg.iterations:
             raise UserError(f"the checkpoint {path.name} is at step {self.step_count}, past "
                             f"trainer.iterations={self.tcfg.iterations}; raise "
