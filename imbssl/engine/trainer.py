@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,8 +74,37 @@ CHECKPOINT_FORMAT = 2
 NEVER = 2**62  # "no non-finite value yet" in the first-bad-step accumulators
 
 
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM's warning (--signal) and kill
+
+
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM or SIGUSR1 arrived: the step was finished and checkpointed; resume=true
+    continues exactly."""
+
+
+@contextlib.contextmanager
+def signals_as_flag(flag: dict):
+    """While training, SIGTERM and SIGUSR1 only note themselves in ``flag["signal"]`` (read
+    between steps); the previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield flag  # handlers can only be set from the main thread
+        return
+    previous = {s: signal.getsignal(s) for s in PREEMPTION_SIGNALS}
+
+    def note(signum, _frame) -> None:
+        flag["signal"] = signum
+
+    for s in PREEMPTION_SIGNALS:
+        signal.signal(s, note)
+    try:
+        yield flag
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -177,6 +208,8 @@ class Trainer:
         self._resumed_from: Path | None = None
         self._resumed_at = 0
         self._damaged: list[tuple[Path, str]] = []  # newer checkpoints that failed to load
+        self._signal: dict = {"signal": None}  # set by SIGTERM / SIGUSR1 during run()
+        self._saved_step = -1  # the step of the last checkpoint written or loaded
         self._prepared = False
         self._tb = None
         self._start_rng = rng_state()  # run() starts from here whatever ran in between
@@ -384,16 +417,22 @@ class Trainer:
         self._write_summary(self.summary("running"))
         progress = self._progress(total)
         try:
-            while self.step_count < total:
-                self.train_step()
-                progress.update(1)
-                self._periodic(progress)
+            with signals_as_flag(self._signal):
+                while self.step_count < total:
+                    self.train_step()
+                    progress.update(1)
+                    self._periodic(progress)
+                    if self.step_count < total and self._preemption_requested():
+                        self._preempt()
             if self._last_eval_step != self.step_count:
                 self.evaluate()
             if self._last_test is None:  # resumed after the final evaluation: recompute it
                 self._last_test = self._measure("test", self.data.test)
         except NonFiniteLossError as exc:
             self._write_summary(self.summary("failed", error=str(exc)))
+            raise
+        except Preempted:
+            self._write_summary(self.summary("preempted"))
             raise
         except BaseException:
             self._write_summary(self.summary("stopped"))
@@ -410,6 +449,25 @@ class Trainer:
             if self.tcfg.report:
                 self.write_report()
         return summary
+
+    def _preemption_requested(self) -> bool:
+        """A preemption signal reached this process (with several: any process; one tiny
+        all-reduce per step, so that all stop after the same step)."""
+        asked = self._signal["signal"] is not None
+        if self.world == 1:
+            return asked
+        flag = torch.tensor([int(asked)], dtype=torch.int32, device=self.device)
+        return bool(ddp.all_reduce_sum(flag).item())
+
+    def _preempt(self) -> None:
+        """Checkpoint the finished step (unless it just was) and raise ``Preempted``."""
+        if self._saved_step != self.step_count:
+            self.save()
+        signum = self._signal["signal"]
+        name = signal.Signals(signum).name if signum is not None else "a preemption signal"
+        raise Preempted(f"{name} received: stopped after step {self.step_count} and "
+                        f"checkpointed it in {self.run_dir / 'checkpoints'}; continue with "
+                        "resume=true")
 
     def write_report(self) -> None:
         """Plots + HTML/Markdown report of this run (also: ``imbssl report RUN``)."""
@@ -586,9 +644,15 @@ class Trainer:
             "tracker": self._tracker_state(),
             "eval_history": {k: list(v) for k, v in self.eval_history.items()},
             "last_eval_step": self._last_eval_step,
-            "pending_scalars": [[list(keys), a.total, a.count, a.first_bad]
-                                for keys, a in self._acc.items()],
+            "pending_scalars": self._pending_state(),
         }
+
+    def _pending_state(self) -> list:
+        """Log sums since the last flush (only a preemption checkpoint has any); with several
+        processes their mean over processes, which every process loads back: the mean of
+        (that + its own later sums) is what the uninterrupted flush computes."""
+        return [[list(keys), ddp.all_reduce_mean(a.total), a.count,
+                 ddp.all_reduce_min(a.first_bad)] for keys, a in self._acc.items()]
 
     def save(self) -> Path | None:
         """Checkpoint the current step (process 0 writes; every process must call it)."""
@@ -602,6 +666,7 @@ class Trainer:
                 f"every logged loss was finite; no checkpoint was written and {kept}; lower "
                 "optim.lr or use trainer.precision=fp32")
         state = self.state_dict()
+        self._saved_step = self.step_count
         if not self.is_main:
             return None
         return save_checkpoint(state, self.run_dir / "checkpoints", self.step_count,
@@ -640,11 +705,10 @@ class Trainer:
         self.eval_history = {k: list(v) for k, v in state["eval_history"].items()}
         self._last_eval_step = int(state.get("last_eval_step", -1))
         self._acc = {}
-        if self.is_main:  # pending sums are process 0's (a checkpoint step flushes them)
-            for keys, total, count, first_bad in state.get("pending_scalars", []):
-                self._acc[tuple(keys)] = _Accumulator(total.to(self.device), int(count),
-                                                      first_bad.to(self.device))
-        self.step_count = int(state["step"])
+        for keys, total, count, first_bad in state.get("pending_scalars", []):  # every process
+            self._acc[tuple(keys)] = _Accumulator(total.to(self.device), int(count),
+                                                  first_bad.to(self.device))
+        self.step_count = self._saved_step = int(state["step"])
 
     def _load_extra_buffers(self, saved: dict) -> None:
         own = self._algorithm_extra_buffers()
