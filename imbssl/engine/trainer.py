@@ -67,6 +67,7 @@ from imbssl.engine.run_dir import (
 )
 from imbssl.engine.validation import check_all
 from imbssl.errors import UserError
+from imbssl.fileio import DiskFullError, disk_full, is_disk_full
 from imbssl.models import EMA, ModelConfig, build_model
 from imbssl.pseudo import build_refiner, refiner_config
 
@@ -434,8 +435,13 @@ class Trainer:
         except Preempted:
             self._write_summary(self.summary("preempted"))
             raise
-        except BaseException:
-            self._write_summary(self.summary("stopped"))
+        except BaseException as exc:
+            full = self._as_disk_full(exc)
+            status = self.summary("failed", error=str(full)) if full else self.summary("stopped")
+            with contextlib.suppress(OSError, DiskFullError):  # the disk may still be full
+                self._write_summary(status)
+            if full is not None and full is not exc:
+                raise full from exc
             raise
         finally:
             progress.close()
@@ -449,6 +455,12 @@ class Trainer:
             if self.tcfg.report:
                 self.write_report()
         return summary
+
+    def _as_disk_full(self, exc: BaseException) -> DiskFullError | None:
+        """``exc`` as the one-line full-disk error naming the file (None: another error)."""
+        if isinstance(exc, DiskFullError) or not is_disk_full(exc):
+            return exc if isinstance(exc, DiskFullError) else None
+        return disk_full(exc.filename or f"a log file in {self.run_dir}", exc)
 
     def _preemption_requested(self) -> bool:
         """A preemption signal reached this process (with several: any process; one tiny
@@ -666,11 +678,12 @@ class Trainer:
                 f"every logged loss was finite; no checkpoint was written and {kept}; lower "
                 "optim.lr or use trainer.precision=fp32")
         state = self.state_dict()
+        path = None
+        if self.is_main:
+            path = save_checkpoint(state, self.run_dir / "checkpoints", self.step_count,
+                                   self.tcfg.keep_checkpoints)
         self._saved_step = self.step_count
-        if not self.is_main:
-            return None
-        return save_checkpoint(state, self.run_dir / "checkpoints", self.step_count,
-                               self.tcfg.keep_checkpoints)
+        return path
 
     def load_state_dict(self, state: dict, source: str | Path = "the checkpoint") -> None:
         check_compatible(state, self.data.num_classes, self.mcfg.name,
