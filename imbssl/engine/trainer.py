@@ -211,6 +211,7 @@ class Trainer:
         self._damaged: list[tuple[Path, str]] = []  # newer checkpoints that failed to load
         self._signal: dict = {"signal": None}  # set by SIGTERM / SIGUSR1 during run()
         self._saved_step = -1  # the step of the last checkpoint written or loaded
+        self._missing: list[str] = []  # evaluations / report parts that failed
         self._prepared = False
         self._tb = None
         self._start_rng = rng_state()  # run() starts from here whatever ran in between
@@ -426,9 +427,10 @@ class Trainer:
                     if self.step_count < total and self._preemption_requested():
                         self._preempt()
             if self._last_eval_step != self.step_count:
-                self.evaluate()
+                self._evaluate_or_note()
             if self._last_test is None:  # resumed after the final evaluation: recompute it
-                self._last_test = self._measure("test", self.data.test)
+                self._guarded("final test evaluation", lambda: setattr(
+                    self, "_last_test", self._measure("test", self.data.test)))
         except NonFiniteLossError as exc:
             self._write_summary(self.summary("failed", error=str(exc)))
             raise
@@ -451,9 +453,13 @@ class Trainer:
         summary = self.summary("finished")
         self._write_summary(summary)
         if self.is_main:
-            self._print_final()
+            if self._last_test is not None:
+                self._print_final()
             if self.tcfg.report:
-                self.write_report()
+                self._guarded("report", self.write_report, fallback=self._write_plain_report)
+                if self._missing:
+                    summary = self.summary("finished")
+                    self._write_summary(summary)
         return summary
 
     def _as_disk_full(self, exc: BaseException) -> DiskFullError | None:
@@ -481,6 +487,50 @@ class Trainer:
                         f"checkpointed it in {self.run_dir / 'checkpoints'}; continue with "
                         "resume=true")
 
+    def _guarded(self, what: str, action, fallback=None) -> None:
+        """Run ``action``; an evaluation or report failure is logged (one line on stderr, and
+        ``missing`` in summary.json) instead of ending the run. Full disks, non-finite losses
+        and preemption still stop it."""
+        try:
+            action()
+        except (NonFiniteLossError, Preempted, DiskFullError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - diagnostics must not kill training
+            if is_disk_full(exc):
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            note = f"{what} at step {self.step_count} failed ({type(exc).__name__}: {first})"
+            self._missing.append(note)
+            if self.is_main:
+                print(f"imbssl: warning: {note}; training goes on", file=sys.stderr)
+            if fallback is not None:
+                fallback(note)
+
+    def _evaluate_or_note(self) -> None:
+        self._guarded("evaluation", self.evaluate)
+
+    def _write_plain_report(self, note: str) -> None:
+        """The report without figures, saying what is missing (or, if even that fails, a
+        Markdown file that only says so)."""
+        from imbssl.diagnostics import report as rep
+        from imbssl.diagnostics.logfile import read_run
+        from imbssl.diagnostics.plots import run_labels
+
+        out = self.run_dir / "report"
+        missing = rep.Block("p", f"Missing from this report: {note}. Rebuild it with "
+                                 f"`imbssl report {self.run_dir}`.")
+        try:
+            runs = [read_run(self.run_dir)]
+            blocks = [missing, *rep.build_blocks(runs, run_labels(runs), [])]
+            out.with_name("report.html").write_text(rep.render_html(blocks), encoding="utf-8")
+            out.with_name("report.md").write_text(rep.render_markdown(blocks, self.run_dir),
+                                                  encoding="utf-8")
+        except Exception as exc:  # noqa: BLE001 - the note alone, then
+            if is_disk_full(exc):
+                raise
+            out.with_name("report.md").write_text(f"# imbssl report\n\n{missing.content}\n",
+                                                  encoding="utf-8")
+
     def write_report(self) -> None:
         """Plots + HTML/Markdown report of this run (also: ``imbssl report RUN``)."""
         from imbssl.diagnostics.report import build_report
@@ -503,7 +553,7 @@ class Trainer:
                 progress.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in scalars.items()
                                       if k.startswith("loss/")}, refresh=False)
         if at(t.eval_interval):
-            self.evaluate()
+            self._evaluate_or_note()
         if at(t.checkpoint_interval):
             self.save()
 
@@ -556,6 +606,8 @@ class Trainer:
                f"median_last{n}": med, "summary_last": n}
         if error:
             out["error"] = error
+        if self._missing:  # evaluations or report parts that failed (training went on)
+            out["missing"] = list(self._missing)
         return out
 
     def _print_final(self) -> None:
