@@ -18,6 +18,12 @@ accumulators, evaluation history); on resume the rows logged after the checkpoin
 dropped from ``metrics.jsonl`` and ``per_class.csv``, so a resumed run's files equal an
 uninterrupted run's.
 
+Where long runs die: SIGTERM/SIGUSR1 finish the step, checkpoint it and raise ``Preempted``
+(summary ``status: preempted``, CLI exit 75); ``resume=true`` skips a damaged newest
+checkpoint (named, renamed ``*.damaged``) for the newest good one; a full disk is a one-line
+``DiskFullError`` (exit 74) that keeps the previous checkpoint; a failed evaluation or report
+is a warning and a ``missing`` entry in summary.json, never the end of training.
+
 Several processes (``torchrun``): see :mod:`imbssl.engine.distributed`.
 """
 from __future__ import annotations
