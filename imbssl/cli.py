@@ -8,7 +8,8 @@
     imbssl bench [options]               training-throughput benchmark
 
 A mistake in the input (config, data, run folder) is one line on stderr and exit code 2;
-``--debug`` shows the traceback instead.
+``--debug`` shows the traceback instead. Other exit codes: 1 a non-finite loss, 74 a full disk, 75 preempted
+(SIGTERM/SIGUSR1: the step was checkpointed, ``resume=true`` continues; sysexits EX_TEMPFAIL).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from pathlib import Path
 USAGE = __doc__.split("\n\n")[1]
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 EXIT_USER_ERROR = 2
+EXIT_DISK_FULL = 74  # sysexits.h EX_IOERR
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: try again (resume=true)
 
 
 def fail(message: str) -> int:
@@ -112,13 +115,20 @@ def _build(overrides: list[str]):
 
 
 def _run_task(cfg, trainer, debug: bool):
-    from imbssl.engine.trainer import NonFiniteLossError, timed_run
+    from imbssl.engine.trainer import NonFiniteLossError, Preempted, timed_run
+    from imbssl.fileio import DiskFullError
 
     try:
         return timed_run(cfg, trainer)
     except NonFiniteLossError as exc:
         fail(str(exc))  # one line, from process 0 under torchrun
         raise SystemExit(1) from None
+    except Preempted as exc:
+        fail(str(exc))
+        raise SystemExit(EXIT_PREEMPTED) from None
+    except DiskFullError as exc:
+        fail(str(exc))
+        raise SystemExit(EXIT_DISK_FULL) from None
     except user_errors() as exc:
         if debug:
             raise

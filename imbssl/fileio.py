@@ -1,11 +1,31 @@
-"""Atomic file writes: a reader never sees a half-written file, whatever kills the writer."""
+"""Atomic file writes: a reader never sees a half-written file, whatever kills the writer.
+A full disk (ENOSPC, or a quota: EDQUOT) is a one-line ``DiskFullError`` naming the file."""
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(RuntimeError):
+    """A write failed for lack of space; the file it replaces (if any) is left as it was."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in NO_SPACE
+
+
+def disk_full(path: str | os.PathLike, exc: OSError) -> DiskFullError:
+    """The one-line error for a write to ``path`` that ran out of space."""
+    return DiskFullError(f"no space left on the device while writing {path} "
+                         f"({os.strerror(exc.errno)}); free some space, then resume=true "
+                         "continues from the last checkpoint")
 
 
 def temp_path(path: Path) -> Path:
@@ -16,7 +36,8 @@ def temp_path(path: Path) -> Path:
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success flush, fsync and rename it over
-    ``path``; on any failure remove it and leave ``path`` as it was."""
+    ``path``; on any failure remove it and leave ``path`` as it was (a full disk is a
+    ``DiskFullError`` naming ``path``)."""
     path = Path(path)
     tmp = temp_path(path)
     try:
@@ -25,6 +46,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise disk_full(path, exc) from exc
         raise

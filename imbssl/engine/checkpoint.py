@@ -4,9 +4,15 @@ A reader (a resumed run, ``imbssl eval``) therefore only ever sees complete file
 killed while writing leaves a hidden ``.ckpt_<step>.pt.tmp-<pid>`` file, which no listing
 matches and the next save removes. Everything saved loads with
 ``torch.load(weights_only=True)`` (tensors, numbers, strings and plain containers).
+
+Each checkpoint carries ``checksum``, a SHA-256 of its payload (every key, tensor dtype, shape
+and byte), so a file that still unpickles but was altered on disk (a flipped bit) is told
+apart from a good one. ``load_checkpoint`` checks it; ``newest_loadable`` walks back from the
+newest checkpoint to the newest good one.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -18,6 +24,37 @@ from imbssl.fileio import atomic_open
 
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
 _TMP = re.compile(r"^\.ckpt_\d+\.pt\.tmp-\d+$")
+CHECKSUM_KEY = "checksum"
+
+
+class DamagedCheckpoint(UserError):
+    """A checkpoint file that cannot be read, or whose payload fails its checksum."""
+
+
+def _digest(obj, h) -> None:
+    """Feed ``obj`` into the hash ``h`` in a canonical order (dict keys sorted)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for key in sorted(obj, key=repr):
+            h.update(repr(key).encode())
+            _digest(obj[key], h)
+    elif isinstance(obj, list | tuple):
+        h.update(f"L{len(obj)}".encode())
+        for item in obj:
+            _digest(item, h)
+    else:
+        h.update(f"V{obj!r}".encode())
+
+
+def payload_checksum(state: dict) -> str:
+    """SHA-256 of everything in ``state`` except its own checksum."""
+    h = hashlib.sha256()
+    _digest({k: v for k, v in state.items() if k != CHECKSUM_KEY}, h)
+    return "sha256:" + h.hexdigest()
 
 
 def save_atomic(obj: dict, path: Path) -> None:
@@ -55,7 +92,7 @@ def remove_partial(ckpt_dir: Path) -> None:
 def save_checkpoint(state: dict, ckpt_dir: Path, step: int, keep: int) -> Path:
     """Write ``state`` as the checkpoint of ``step`` and delete all but the last ``keep``."""
     path = checkpoint_path(ckpt_dir, step)
-    save_atomic(state, path)
+    save_atomic({**state, CHECKSUM_KEY: payload_checksum(state)}, path)
     for _, old in list_checkpoints(ckpt_dir)[:-max(keep, 1)]:
         old.unlink(missing_ok=True)
     remove_partial(ckpt_dir)
@@ -63,7 +100,8 @@ def save_checkpoint(state: dict, ckpt_dir: Path, step: int, keep: int) -> Path:
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint safely; a corrupt or foreign file is a one-line ``UserError``."""
+    """Load a checkpoint safely and check its payload checksum; a corrupt or foreign file is a
+    one-line ``DamagedCheckpoint``."""
     path = Path(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
@@ -73,15 +111,36 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise UserError(f"checkpoint {path} is a folder, not a checkpoint file") from None
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
         older = [p for s, p in list_checkpoints(path.parent) if p.name != path.name]
-        hint = (f"delete it to resume from {older[-1].name}" if older else
+        hint = (f"resume=true falls back to {older[-1].name}" if older else
                 "start afresh with overwrite=true")
-        raise UserError(f"checkpoint {path} cannot be read ({type(exc).__name__}: it is "
-                        f"damaged or not an imbssl checkpoint); {hint}") from None
+        raise DamagedCheckpoint(f"checkpoint {path} cannot be read ({type(exc).__name__}: it "
+                                f"is damaged or not an imbssl checkpoint); {hint}") from None
     if not isinstance(state, dict) or "step" not in state:
-        raise UserError(f"checkpoint {path} is not an imbssl checkpoint (no training state)")
+        raise DamagedCheckpoint(f"checkpoint {path} is not an imbssl checkpoint (no training "
+                                "state)")
+    saved = state.get(CHECKSUM_KEY)
+    if saved is not None and saved != payload_checksum(state):
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged: its payload does not match its "
+                                "checksum")
     return state
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     found = list_checkpoints(ckpt_dir)
     return found[-1][1] if found else None
+
+
+def newest_loadable(ckpt_dir: Path, map_location: str | torch.device = "cpu",
+                    ) -> tuple[Path, dict, list[tuple[Path, str]]]:
+    """The newest checkpoint that loads and passes its checksum, its state, and the newer
+    damaged ones with why; none good is one ``DamagedCheckpoint`` line (nothing is deleted)."""
+    damaged: list[tuple[Path, str]] = []
+    for _, path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            return path, load_checkpoint(path, map_location), damaged
+        except DamagedCheckpoint as exc:
+            damaged.append((path, str(exc)))
+    names = ", ".join(p.name for p, _ in damaged)
+    raise DamagedCheckpoint(f"resume=true but no checkpoint in {ckpt_dir} is usable ({names}: "
+                            "damaged or unreadable); nothing was deleted; start afresh with "
+                            "overwrite=true or restore a copy")

@@ -18,13 +18,21 @@ accumulators, evaluation history); on resume the rows logged after the checkpoin
 dropped from ``metrics.jsonl`` and ``per_class.csv``, so a resumed run's files equal an
 uninterrupted run's.
 
+Where long runs die: SIGTERM/SIGUSR1 finish the step, checkpoint it and raise ``Preempted``
+(summary ``status: preempted``, CLI exit 75); ``resume=true`` skips a damaged newest
+checkpoint (named, renamed ``*.damaged``) for the newest good one; a full disk is a one-line
+``DiskFullError`` (exit 74) that keeps the previous checkpoint; a failed evaluation or report
+is a warning and a ``missing`` entry in summary.json, never the end of training.
+
 Several processes (``torchrun``): see :mod:`imbssl.engine.distributed`.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,7 +58,7 @@ from imbssl.engine import distributed as ddp
 from imbssl.engine.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
-    load_checkpoint,
+    newest_loadable,
     remove_partial,
     save_checkpoint,
 )
@@ -67,6 +75,7 @@ from imbssl.engine.run_dir import (
 )
 from imbssl.engine.validation import check_all
 from imbssl.errors import UserError
+from imbssl.fileio import DiskFullError, disk_full, is_disk_full
 from imbssl.models import EMA, ModelConfig, build_model
 from imbssl.pseudo import build_refiner, refiner_config
 
@@ -74,8 +83,37 @@ CHECKPOINT_FORMAT = 2
 NEVER = 2**62  # "no non-finite value yet" in the first-bad-step accumulators
 
 
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM's warning (--signal) and kill
+
+
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM or SIGUSR1 arrived: the step was finished and checkpointed; resume=true
+    continues exactly."""
+
+
+@contextlib.contextmanager
+def signals_as_flag(flag: dict):
+    """While training, SIGTERM and SIGUSR1 only note themselves in ``flag["signal"]`` (read
+    between steps); the previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield flag  # handlers can only be set from the main thread
+        return
+    previous = {s: signal.getsignal(s) for s in PREEMPTION_SIGNALS}
+
+    def note(signum, _frame) -> None:
+        flag["signal"] = signum
+
+    for s in PREEMPTION_SIGNALS:
+        signal.signal(s, note)
+    try:
+        yield flag
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -178,6 +216,10 @@ class Trainer:
         self._last_eval_step = -1
         self._resumed_from: Path | None = None
         self._resumed_at = 0
+        self._damaged: list[tuple[Path, str]] = []  # newer checkpoints that failed to load
+        self._signal: dict = {"signal": None}  # set by SIGTERM / SIGUSR1 during run()
+        self._saved_step = -1  # the step of the last checkpoint written or loaded
+        self._missing: list[str] = []  # evaluations / report parts that failed
         self._prepared = False
         self._tb = None
         self._start_rng = rng_state()  # run() starts from here whatever ran in between
@@ -364,6 +406,8 @@ class Trainer:
         if self.is_main:
             if self.resume:
                 remove_partial(self.run_dir / "checkpoints")
+                for bad, _ in self._damaged:  # kept for inspection, out of every listing
+                    bad.replace(bad.with_name(bad.name + ".damaged"))
                 truncate_logs(self.run_dir, self.step_count)
             else:
                 prepare_run_dir(self.run_dir, False, self.overwrite)
@@ -384,19 +428,31 @@ class Trainer:
         self._write_summary(self.summary("running"))
         progress = self._progress(total)
         try:
-            while self.step_count < total:
-                self.train_step()
-                progress.update(1)
-                self._periodic(progress)
+            with signals_as_flag(self._signal):
+                while self.step_count < total:
+                    self.train_step()
+                    progress.update(1)
+                    self._periodic(progress)
+                    if self.step_count < total and self._preemption_requested():
+                        self._preempt()
             if self._last_eval_step != self.step_count:
-                self.evaluate()
+                self._evaluate_or_note()
             if self._last_test is None:  # resumed after the final evaluation: recompute it
-                self._last_test = self._measure("test", self.data.test)
+                self._guarded("final test evaluation", lambda: setattr(
+                    self, "_last_test", self._measure("test", self.data.test)))
         except NonFiniteLossError as exc:
             self._write_summary(self.summary("failed", error=str(exc)))
             raise
-        except BaseException:
-            self._write_summary(self.summary("stopped"))
+        except Preempted:
+            self._write_summary(self.summary("preempted"))
+            raise
+        except BaseException as exc:
+            full = self._as_disk_full(exc)
+            status = self.summary("failed", error=str(full)) if full else self.summary("stopped")
+            with contextlib.suppress(OSError, DiskFullError):  # the disk may still be full
+                self._write_summary(status)
+            if full is not None and full is not exc:
+                raise full from exc
             raise
         finally:
             progress.close()
@@ -406,10 +462,83 @@ class Trainer:
         summary = self.summary("finished")
         self._write_summary(summary)
         if self.is_main:
-            self._print_final()
+            if self._last_test is not None:
+                self._print_final()
             if self.tcfg.report:
-                self.write_report()
+                self._guarded("report", self.write_report, fallback=self._write_plain_report)
+                if self._missing:
+                    summary = self.summary("finished")
+                    self._write_summary(summary)
         return summary
+
+    def _as_disk_full(self, exc: BaseException) -> DiskFullError | None:
+        """``exc`` as the one-line full-disk error naming the file (None: another error)."""
+        if isinstance(exc, DiskFullError) or not is_disk_full(exc):
+            return exc if isinstance(exc, DiskFullError) else None
+        return disk_full(exc.filename or f"a log file in {self.run_dir}", exc)
+
+    def _preemption_requested(self) -> bool:
+        """A preemption signal reached this process (with several: any process; one tiny
+        all-reduce per step, so that all stop after the same step)."""
+        asked = self._signal["signal"] is not None
+        if self.world == 1:
+            return asked
+        flag = torch.tensor([int(asked)], dtype=torch.int32, device=self.device)
+        return bool(ddp.all_reduce_sum(flag).item())
+
+    def _preempt(self) -> None:
+        """Checkpoint the finished step (unless it just was) and raise ``Preempted``."""
+        if self._saved_step != self.step_count:
+            self.save()
+        signum = self._signal["signal"]
+        name = signal.Signals(signum).name if signum is not None else "a preemption signal"
+        raise Preempted(f"{name} received: stopped after step {self.step_count} and "
+                        f"checkpointed it in {self.run_dir / 'checkpoints'}; continue with "
+                        "resume=true")
+
+    def _guarded(self, what: str, action, fallback=None) -> None:
+        """Run ``action``; an evaluation or report failure is logged (one line on stderr, and
+        ``missing`` in summary.json) instead of ending the run. Full disks, non-finite losses
+        and preemption still stop it."""
+        try:
+            action()
+        except (NonFiniteLossError, Preempted, DiskFullError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - diagnostics must not kill training
+            if is_disk_full(exc):
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            note = f"{what} at step {self.step_count} failed ({type(exc).__name__}: {first})"
+            self._missing.append(note)
+            if self.is_main:
+                print(f"imbssl: warning: {note}; training goes on", file=sys.stderr)
+            if fallback is not None:
+                fallback(note)
+
+    def _evaluate_or_note(self) -> None:
+        self._guarded("evaluation", self.evaluate)
+
+    def _write_plain_report(self, note: str) -> None:
+        """The report without figures, saying what is missing (or, if even that fails, a
+        Markdown file that only says so)."""
+        from imbssl.diagnostics import report as rep
+        from imbssl.diagnostics.logfile import read_run
+        from imbssl.diagnostics.plots import run_labels
+
+        out = self.run_dir / "report"
+        missing = rep.Block("p", f"Missing from this report: {note}. Rebuild it with "
+                                 f"`imbssl report {self.run_dir}`.")
+        try:
+            runs = [read_run(self.run_dir)]
+            blocks = [missing, *rep.build_blocks(runs, run_labels(runs), [])]
+            out.with_name("report.html").write_text(rep.render_html(blocks), encoding="utf-8")
+            out.with_name("report.md").write_text(rep.render_markdown(blocks, self.run_dir),
+                                                  encoding="utf-8")
+        except Exception as exc:  # noqa: BLE001 - the note alone, then
+            if is_disk_full(exc):
+                raise
+            out.with_name("report.md").write_text(f"# imbssl report\n\n{missing.content}\n",
+                                                  encoding="utf-8")
 
     def write_report(self) -> None:
         """Plots + HTML/Markdown report of this run (also: ``imbssl report RUN``)."""
@@ -433,7 +562,7 @@ class Trainer:
                 progress.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in scalars.items()
                                       if k.startswith("loss/")}, refresh=False)
         if at(t.eval_interval):
-            self.evaluate()
+            self._evaluate_or_note()
         if at(t.checkpoint_interval):
             self.save()
 
@@ -488,6 +617,8 @@ class Trainer:
                f"median_last{n}": med, "summary_last": n}
         if error:
             out["error"] = error
+        if self._missing:  # evaluations or report parts that failed (training went on)
+            out["missing"] = list(self._missing)
         return out
 
     def _print_final(self) -> None:
@@ -584,9 +715,15 @@ class Trainer:
             "tracker": self._tracker_state(),
             "eval_history": {k: list(v) for k, v in self.eval_history.items()},
             "last_eval_step": self._last_eval_step,
-            "pending_scalars": [[list(keys), a.total, a.count, a.first_bad]
-                                for keys, a in self._acc.items()],
+            "pending_scalars": self._pending_state(),
         }
+
+    def _pending_state(self) -> list:
+        """Log sums since the last flush (only a preemption checkpoint has any); with several
+        processes their mean over processes, which every process loads back: the mean of
+        (that + its own later sums) is what the uninterrupted flush computes."""
+        return [[list(keys), ddp.all_reduce_mean(a.total), a.count,
+                 ddp.all_reduce_min(a.first_bad)] for keys, a in self._acc.items()]
 
     def save(self) -> Path | None:
         """Checkpoint the current step (process 0 writes; every process must call it)."""
@@ -600,10 +737,12 @@ class Trainer:
                 f"every logged loss was finite; no checkpoint was written and {kept}; lower "
                 "optim.lr or use trainer.precision=fp32")
         state = self.state_dict()
-        if not self.is_main:
-            return None
-        return save_checkpoint(state, self.run_dir / "checkpoints", self.step_count,
-                               self.tcfg.keep_checkpoints)
+        path = None
+        if self.is_main:
+            path = save_checkpoint(state, self.run_dir / "checkpoints", self.step_count,
+                                   self.tcfg.keep_checkpoints)
+        self._saved_step = self.step_count
+        return path
 
     def load_state_dict(self, state: dict, source: str | Path = "the checkpoint") -> None:
         check_compatible(state, self.data.num_classes, self.mcfg.name,
@@ -638,11 +777,10 @@ class Trainer:
         self.eval_history = {k: list(v) for k, v in state["eval_history"].items()}
         self._last_eval_step = int(state.get("last_eval_step", -1))
         self._acc = {}
-        if self.is_main:  # pending sums are process 0's (a checkpoint step flushes them)
-            for keys, total, count, first_bad in state.get("pending_scalars", []):
-                self._acc[tuple(keys)] = _Accumulator(total.to(self.device), int(count),
-                                                      first_bad.to(self.device))
-        self.step_count = int(state["step"])
+        for keys, total, count, first_bad in state.get("pending_scalars", []):  # every process
+            self._acc[tuple(keys)] = _Accumulator(total.to(self.device), int(count),
+                                                  first_bad.to(self.device))
+        self.step_count = self._saved_step = int(state["step"])
 
     def _load_extra_buffers(self, saved: dict) -> None:
         own = self._algorithm_extra_buffers()
@@ -651,12 +789,17 @@ class Trainer:
                 own[name].copy_(value)
 
     def load_latest(self) -> None:
+        """Load the newest good checkpoint; newer damaged ones are named on stderr and set
+        aside (renamed ``*.damaged``) when the run starts writing."""
         ckpt_dir = self.run_dir / "checkpoints"
-        path = latest_checkpoint(ckpt_dir)
-        if path is None:
+        if latest_checkpoint(ckpt_dir) is None:
             raise UserError(f"resume=true but {ckpt_dir} holds no checkpoint; run without "
                             "resume=true to start")
-        self.load_state_dict(load_checkpoint(path, self.device), path)
+        path, state, self._damaged = newest_loadable(ckpt_dir, self.device)
+        if self.is_main:
+            for bad, why in self._damaged:
+                print(f"imbssl: warning: {why}; resuming from {path.name}", file=sys.stderr)
+        self.load_state_dict(state, path)
         if self.step_count > self.tcfg.iterations:
             raise UserError(f"the checkpoint {path.name} is at step {self.step_count}, past "
                             f"trainer.iterations={self.tcfg.iterations}; raise "

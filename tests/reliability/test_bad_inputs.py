@@ -40,10 +40,10 @@ def world(tmp_path_factory):
         (run / ".hydra" / name).write_text(f"# {name} of the first launch\n")
     (run / "cli.log").write_text("log of the first launch\n")
 
-    damaged = root / "damaged_run"  # its latest checkpoint is garbage
+    damaged = root / "damaged_run"  # every checkpoint is garbage (one good one is resumed)
     shutil.copytree(run, damaged)
-    ckpts = sorted((damaged / "checkpoints").glob("ckpt_*.pt"))
-    ckpts[-1].write_bytes(b"\x00not a checkpoint" * 100)
+    for ckpt in (damaged / "checkpoints").glob("ckpt_*.pt"):
+        ckpt.write_bytes(b"\x00not a checkpoint" * 100)
 
     (root / "a_file").write_text("not a folder\n")
     (root / "empty_run").mkdir()
@@ -125,7 +125,7 @@ CASES = [
     ("checkpoint_other_algorithm", ["R", "algorithm=simmatch"], ["algorithm=fixmatch"]),
     ("checkpoint_other_norm", ["R", "model.norm=group"], ["model.norm=batch"]),
     ("damaged_checkpoint", ["train", "run_dir={root}/damaged_run", "resume=true", *TINY],
-     ["cannot be read", "ckpt_00000002.pt"]),
+     ["no checkpoint", "is usable", "ckpt_00000002.pt", "nothing was deleted"]),
     ("run_dir_is_a_file", ["train", "run_dir={root}/a_file", *TINY], ["not a folder"]),
     ("resume_without_checkpoint", ["train", "run_dir={root}/empty_run", "resume=true", *TINY],
      ["holds no checkpoint"]),
