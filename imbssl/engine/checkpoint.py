@@ -144,3 +144,23 @@ def newest_loadable(ckpt_dir: Path, map_location: str | torch.device = "cpu",
     raise DamagedCheckpoint(f"resume=true but no checkpoint in {ckpt_dir} is usable ({names}: "
                             "damaged or unreadable); nothing was deleted; start afresh with "
                             "overwrite=true or restore a copy")
+
+
+def state_differences(a, b, path: str = "") -> list[str]:
+    """Where two checkpoint states differ: paths of unequal tensors (``torch.equal``, same
+    dtype and shape), missing keys, list lengths and other values; empty when equal."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        same = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b))
+        return [] if same else [path]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{path}: keys {sorted(set(a) ^ set(b))}"]
+        return [d for k in a for d in state_differences(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        if len(a) != len(b):
+            return [f"{path}: lengths {len(a)} != {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b))
+                for d in state_differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+

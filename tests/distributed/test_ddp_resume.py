@@ -18,6 +18,8 @@ import textwrap
 import torch
 from omegaconf import OmegaConf
 
+from imbssl.engine.checkpoint import state_differences as differences
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
 ITERS = 8
 OVERRIDES = [f"trainer.iterations={ITERS}", "trainer.batch_size=8", "trainer.log_interval=2",
@@ -65,23 +67,6 @@ def two_processes(tmp_path, name: str, cfg) -> None:
     for w in workers:
         out, _ = w.communicate(timeout=900)
         assert w.returncode == 0, out[-4000:]
-
-
-def differences(a, b, path: str = "") -> list[str]:
-    """Where two checkpoint states differ (tensors compared with torch.equal)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        same = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
-                and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b))
-        return [] if same else [path]
-    if isinstance(a, dict) and isinstance(b, dict):
-        if set(a) != set(b):
-            return [f"{path}: keys {sorted(set(a) ^ set(b))}"]
-        return [d for k in a for d in differences(a[k], b[k], f"{path}/{k}")]
-    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        if len(a) != len(b):
-            return [f"{path}: lengths"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
-    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
 
 def final_state(run):

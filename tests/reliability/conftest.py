@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+from imbssl.engine.checkpoint import state_differences as differences
 
 # one thread per process: the runs compared bit for bit use the same arithmetic, and the
 # two-core CI machine runs two of them at once without oversubscription
@@ -28,23 +29,6 @@ def launch(*args: str, log: Path) -> subprocess.Popen:
     with open(log, "wb") as out:
         return subprocess.Popen([sys.executable, "-m", "imbssl", *args], stdout=out,
                                 stderr=subprocess.STDOUT, env=ENV)
-
-
-def differences(a, b, path: str = "") -> list[str]:
-    """Where two checkpoint states differ (tensors compared with torch.equal)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        same = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
-                and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b))
-        return [] if same else [path]
-    if isinstance(a, dict) and isinstance(b, dict):
-        if set(a) != set(b):
-            return [f"{path}: keys {sorted(set(a) ^ set(b))}"]
-        return [d for k in a for d in differences(a[k], b[k], f"{path}/{k}")]
-    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        if len(a) != len(b):
-            return [f"{path}: lengths {len(a)} != {len(b)}"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
-    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
