@@ -797,7 +797,7 @@ class Trainer:
                             "resume=true to start")
         path, state, self._damaged = newest_loadable(ckpt_dir, self.device)
         if self.is_main:
-            for bad, why in self._damaged:
+            for _bad, why in self._damaged:
                 print(f"imbssl: warning: {why}; resuming from {path.name}", file=sys.stderr)
         self.load_state_dict(state, path)
         if self.step_count > self.tcfg.iterations:
