@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
