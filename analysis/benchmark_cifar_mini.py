@@ -80,6 +80,16 @@ def matrix() -> list[Job]:
     return jobs
 
 
+def select_jobs(jobs: list[Job], only: list[str]) -> list[Job]:
+    """The jobs whose name contains one of ``only`` (all of them when ``only`` is empty)."""
+    if not only:
+        return jobs
+    chosen = [j for j in jobs if any(part in j.name for part in only)]
+    if not chosen:
+        raise SystemExit(f"error: --only {only} matches no job of the matrix (see --list)")
+    return chosen
+
+
 # ----------------------------------------------------------------------------- running
 def run_state(run_dir: Path) -> str:
     """missing | finished | resumable | broken (a folder without a checkpoint to resume)."""
@@ -163,21 +173,38 @@ def method_of(cfg: dict) -> str:
 
 
 def recipe_of(cfg: dict) -> str:
-    """The configs/recipe/ file whose every value the run's config has; a key the run's config
-    lacks (a switch added after the run) is named: "daso_official without dataset.x".
-    "custom" when no recipe matches."""
+    """The configs/recipe/ file whose every value the run's config has, named after it.
+
+    A key the run's config lacks (a switch added after the run) is named ("daso_official
+    without dataset.x"), except a switch in ``_VALUE_BEFORE_SWITCH``, whose value before the
+    switch existed is known and is used instead. A recipe matched except for such switches is
+    named with their values ("daso_official but dataset.geometric_fill=128"). "custom" when
+    no recipe matches."""
     for path in sorted((ROOT / "configs" / "recipe").glob("*.yaml")):
-        pairs = [(f"{g}.{k}", (cfg.get(g) or {}).get(k, _MISSING), v)
-                 for g, values in _read_yaml(path).items() for k, v in values.items()]
-        absent = [key for key, have, _ in pairs if have is _MISSING]
-        if len(absent) == len(pairs):
+        pairs = []
+        for group, values in _read_yaml(path).items():
+            for key, want in values.items():
+                name = f"{group}.{key}"
+                have = (cfg.get(group) or {}).get(key, _VALUE_BEFORE_SWITCH.get(name, _MISSING))
+                pairs.append((name, have, want))
+        absent = [name for name, have, _ in pairs if have is _MISSING]
+        if not any(key in (cfg.get(group) or {}) for group, values in _read_yaml(path).items()
+                   for key in values):
             continue
-        if all(have in (want, _MISSING) for _, have, want in pairs):
-            return path.stem + (f" without {', '.join(absent)}" if absent else "")
+        differ = [(name, have) for name, have, want in pairs if have not in (want, _MISSING)]
+        if all(name in _VALUE_BEFORE_SWITCH for name, _ in differ):
+            label = path.stem
+            if absent:
+                label += f" without {', '.join(absent)}"
+            if differ:
+                label += " but " + ", ".join(f"{name}={have}" for name, have in differ)
+            return label
     return "custom"
 
 
 _MISSING = object()
+# Switches added after runs were committed, with the value the code had before they existed.
+_VALUE_BEFORE_SWITCH = {"dataset.geometric_fill": 128}  # augment.py filled 128 before 0f71a46
 
 
 def tail_classes(labeled_counts: list[int], k: int = TAIL_SIZE) -> list[int]:
@@ -406,8 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-runs", type=int, default=None, help="train at most this many runs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra override for every run (e.g. trainer.iterations=20 for a smoke)")
+    p.add_argument("--only", action="append", default=[], metavar="NAME",
+                   help="restrict the matrix to jobs whose name contains NAME (repeatable)")
     args = p.parse_args(argv)
-    jobs = matrix()
+    jobs = select_jobs(matrix(), args.only)
     if args.list:
         for j in jobs:
             print(f"{run_state(args.runs / j.name):10s} {j.name}")

@@ -182,6 +182,14 @@ def test_recipe_of_names_the_recipe_and_missing_switches():
     assert bench.recipe_of({"seed": 0}) == "custom"
 
 
+def test_recipe_of_reads_a_legacy_switch_by_its_old_value():
+    official = yaml.safe_load((ROOT / "configs/recipe/daso_official.yaml").read_text())
+    official["dataset"]["geometric_fill"] = 128
+    assert bench.recipe_of(official) == "daso_official but dataset.geometric_fill=128"
+    del official["dataset"]["geometric_fill"]  # a run from before the switch: it filled 128
+    assert bench.recipe_of(official) == "daso_official but dataset.geometric_fill=128"
+
+
 def test_markdown_tables_mean_and_std(runs, tmp_path):
     recs = bench.read_records(runs)
     out = tmp_path / "out"
@@ -218,3 +226,12 @@ def test_matrix_priority_order():
     assert first[:2] == [("uniform", "fixmatch", 0), ("uniform", "fixmatch+daso", 0)]
     assert all(seed == 0 for *_, seed in first) and ("all", "supervised", 0) in first
     assert jobs[-1] == bench.Job("uniform", "simmatch+daso", 0)
+
+
+def test_select_jobs_by_name():
+    jobs = bench.matrix()
+    chosen = bench.select_jobs(jobs, ["uniform_fixmatch_daso-seed0"])
+    assert [j.name for j in chosen] == ["cifar10_lt_g100_n1500_uniform_fixmatch_daso-seed0"]
+    assert bench.select_jobs(jobs, []) == jobs
+    with pytest.raises(SystemExit, match="matches no job"):
+        bench.select_jobs(jobs, ["no-such-run"])
