@@ -2,6 +2,7 @@
 paper's CIFAR-10 values.
 
     python analysis/mixmatch_ablation_digits.py                      # 10 rows x 3 seeds
+                      # (resumable: finished <row>-seed<k> folders in --out-runs are kept)
     python analysis/mixmatch_ablation_digits.py --seeds 0 --iterations 100 --out /tmp/ab  # smoke
     python analysis/mixmatch_ablation_digits.py --from-runs DIR [DIR ...]  # table only, from
                                                      # the finished <row>-seed<k> run folders
@@ -108,7 +109,8 @@ def records_from_runs(dirs: list[str], rows: dict) -> list[dict]:
 def error_cell(values: list[float]) -> str:
     """Error rate 100 - accuracy, mean ± sample std over seeds, in %."""
     errs = [100.0 * (1.0 - v) for v in values]
-    return f"{statistics.fmean(errs):.2f} ± {statistics.stdev(errs) if len(errs) > 1 else 0.0:.2f}"
+    spread = f"{statistics.stdev(errs):.2f}" if len(errs) > 1 else "–"  # one seed: no spread
+    return f"{statistics.fmean(errs):.2f} ± {spread}"
 
 
 def mean_error(values: list[float]) -> float:
@@ -226,13 +228,15 @@ def main(argv: list[str] | None = None) -> int:
         args.eval_interval, args.summary_last = t["eval_interval"], t["summary_last"]
         print(f"wrote {write(args, records, rows, None)}")
         return 0
+    done = {(r["method"], r["seed"]): r for r in records_from_runs([args.out_runs], rows)}
     jobs = [(row, s, job_overrides(args, row, sw, s), args.threads)
-            for s in args.seeds for row, (_, sw) in rows.items()]
-    start, records = time.perf_counter(), []
+            for s in args.seeds for row, (_, sw) in rows.items() if (row, s) not in done]
+    print(f"{len(done)} finished run folders kept in {args.out_runs}, {len(jobs)} to train")
+    start, records = time.perf_counter(), list(done.values())
     with mp.get_context("spawn").Pool(args.workers, maxtasksperchild=4) as pool:
         for rec in pool.imap_unordered(bench.run_one, jobs):
             records.append(rec)
-            bench._progress(rec, len(records), len(jobs), start)
+            bench._progress(rec, len(records), len(jobs) + len(done), start)
     wall = time.perf_counter() - start
     print(f"wrote {write(args, records, rows, wall)} ({wall / 60:.1f} min)")
     return 0
