@@ -92,6 +92,11 @@ class Algorithm(nn.Module):
     def step(self, batch: Batch, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
+    def eval_logits(self, output) -> Tensor:
+        """The logits evaluation takes the argmax of, from the network's output: the
+        classifier's by default; a method may read another head or adjust them post hoc."""
+        return output.logits
+
     def feed_refiner(self, batch: Batch, state: StepState,
                      ema_features: Tensor | None = None) -> None:
         """Give the refiner the EMA model's features of the labeled batch (DASO's queues);

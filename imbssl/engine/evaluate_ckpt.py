@@ -40,11 +40,13 @@ def evaluate_checkpoint(ckpt: Path, overrides: list[str]) -> dict:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"{ckpt}: its EMA model does not fit the configured model "
                         f"({first[:200]}); evaluate without overrides") from None
+    if "algorithm" in state:  # eval_logits may read the algorithm's state (e.g. its priors)
+        trainer.algo.load_state_dict(state["algorithm"])
     test = trainer.data.test
     conf = confusion_matrix(trainer.ema.model.to(trainer.device), test.images, test.labels,
                             lambda x: trainer._prepare(trainer.data.augmenter.normalize(x)),
                             trainer.data.num_classes, trainer.tcfg.eval_batch_size,
-                            trainer.autocast).cpu().numpy()
+                            trainer.autocast, predict=trainer.algo.eval_logits).cpu().numpy()
     metrics = confusion_to_metrics(conf)
     print(format_per_class_table(metrics, trainer.data.class_names, trainer.data.labeled_counts))
     print(f"checkpoint step {state['step']}: test top-1 {metrics['top1'] * 100:.2f}%, "

@@ -70,6 +70,11 @@ def test_evaluation_metrics_equal_sklearn():
     np.testing.assert_allclose(m["recall"], r)
     np.testing.assert_allclose(m["f1"], f)
     np.testing.assert_array_equal(m["support"], s)
+    # the algorithm's eval_logits decides what is argmaxed: here, the next class
+    shifted = confusion_matrix(Fixed(), images, torch.as_tensor(y_true), lambda x: x.float(), 4,
+                               64, contextlib.nullcontext,
+                               predict=lambda out: out.logits.roll(1, dims=1)).numpy()
+    assert (shifted == sk_confusion(y_true, (y_pred + 1) % 4, labels=range(4))).all()
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
