@@ -1,0 +1,258 @@
+"""Issue 19: every comparator of the DASO paper's tables, with and without DASO, on digits-LT,
+several seeds, each row beside the DASO paper's reported CIFAR-10-LT value for orientation.
+
+    python analysis/comparators_digits.py                 # every row x 3 seeds (resumable)
+    python analysis/comparators_digits.py --rows fixmatch fixmatch+la --seeds 0   # a subset
+    python analysis/comparators_digits.py --from-runs DIR # table only, from the run folders
+    python analysis/comparators_digits.py --list          # the rows and their overrides
+
+Every row trains through the real ``Trainer`` (``analysis/benchmark_digits.py``'s ``run_one``)
+at the digits-LT budget of that script; a row is ``algorithm=...`` plus its overrides
+(``ROWS``). Finished ``<row>-seed<k>`` folders in ``--out-runs`` are kept, so a stopped
+batch continues. A row that starts from another row's finished run (cRT) names it in
+``after`` and runs once that run is finished. The table is computed from the run folders
+alone (summary.json, meta.json, per_class.csv). Outputs in ``--out`` (default
+analysis/results): ``comparators_digits.md`` and ``comparators_digits_runs.{csv,json}``.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "analysis"))
+import benchmark_digits as bench  # noqa: E402  (the digits harness: run_one, git_commit)
+
+NAME = "comparators_digits"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: a method (+DASO or not) as ``imbssl train`` overrides."""
+
+    label: str
+    overrides: tuple[str, ...]
+    #: the DASO paper's CIFAR-10-LT value for orientation: (where, value %), or None
+    paper: tuple[str, float] | None = None
+    #: a row whose finished run (same seed) this row starts from (``{after}`` in overrides)
+    after: str | None = None
+    notes: tuple[str, ...] = field(default=())
+
+
+def _daso(*extra: str) -> tuple[str, ...]:
+    return ("pseudo=daso_quick", *extra)
+
+
+#: The rows in table order. Paper values: DASO (Oh et al., CVPR 2022), CIFAR-10-LT,
+#: gamma = 100, N1 = 500, M1 = 4000 (Table 1, first column), as printed there.
+ROWS: list[Row] = [
+    Row("supervised", ("algorithm=supervised", "pseudo=none")),
+    Row("fixmatch", ("algorithm=fixmatch", "pseudo=none")),
+    Row("fixmatch+daso", ("algorithm=fixmatch", *_daso())),
+]
+
+
+def rows_by_label() -> dict[str, Row]:
+    return {r.label: r for r in ROWS}
+
+
+def run_dir_of(out_runs: Path, label: str, seed: int) -> Path:
+    return Path(out_runs) / f"{label}-seed{seed}"
+
+
+def job_overrides(args, row: Row, seed: int) -> list[str]:
+    after = str(run_dir_of(args.out_runs, row.after, seed)) if row.after else ""
+    return [*bench.common_overrides(args), f"seed={seed}",
+            f"run_dir={run_dir_of(args.out_runs, row.label, seed)}",
+            *[o.replace("{after}", after) for o in row.overrides]]
+
+
+def record_from_run_dir(run_dir: Path, rows: dict[str, Row]) -> dict | None:
+    """The record of a finished ``<row>-seed<k>`` run folder; None otherwise."""
+    import numpy as np
+
+    from imbssl.diagnostics.metrics import median_of_last
+
+    label, _, seed = run_dir.name.rpartition("-seed")
+    summary_path = run_dir / "summary.json"
+    if label not in rows or not seed.isdigit() or not summary_path.is_file():
+        return None
+    summary = json.loads(summary_path.read_text())
+    if summary.get("status") != "finished":
+        return None
+    meta = json.loads((run_dir / "meta.json").read_text())
+    counts = meta["labeled_counts"]
+    recalls = bench.read_test_recalls(run_dir, len(counts))
+    tail = bench.tail_classes(counts)
+    tail_hist = [float(np.mean([r[c] for c in tail])) for _, r in recalls]
+    n = int(summary["summary_last"])
+    return {"method": label, "seed": int(seed),
+            "bal_acc_median": summary[f"median_last{n}"]["test/balanced_acc"],
+            "bal_acc_final": summary["final"]["test/balanced_acc"],
+            "tail_recall_median": median_of_last(tail_hist, n),
+            "tail_recall_final": tail_hist[-1], "evaluations": len(recalls),
+            "summary_last": n, "tail_classes": tail, "labeled_counts": counts,
+            "commit": meta.get("git_commit", "unknown") + ("+dirty" if meta.get("git_dirty") else ""),
+            "trainer": meta["trainer"], "run_dir": str(run_dir)}
+
+
+def records_from_runs(dirs: list[Path], rows: dict[str, Row]) -> list[dict]:
+    """Finished run folders under ``dirs``: one record per (row, seed), the first found."""
+    found: dict[tuple[str, int], dict] = {}
+    for d in map(Path, dirs):
+        for run_dir in sorted(d.iterdir()) if d.is_dir() else ():
+            rec = record_from_run_dir(run_dir, rows) if run_dir.is_dir() else None
+            if rec is not None:
+                found.setdefault((rec["method"], rec["seed"]), rec)
+    return list(found.values())
+
+
+# ----------------------------------------------------------------------------- table
+def cell(values: list[float]) -> str:
+    """Mean ± sample std over seeds, in %; '–' for the spread of a single seed."""
+    if not values:
+        return "–"
+    pct = [100.0 * v for v in values]
+    spread = f"{statistics.stdev(pct):.2f}" if len(pct) > 1 else "–"
+    return f"{statistics.fmean(pct):.2f} ± {spread}"
+
+
+def table(records: list[dict], rows: dict[str, Row]) -> str:
+    def vals(label: str, key: str) -> list[float]:
+        return [r[key] for r in records if r["method"] == label]
+
+    lines = ["| method | seeds | digits-LT bal. acc. (median) | bal. acc. (final) "
+             "| tail recall (median) | Δ bal. acc. vs. the same without DASO "
+             "| DASO paper, CIFAR-10-LT (where) |", "| --- |" + " --- |" * 6]
+    for label, row in rows.items():
+        med = vals(label, "bal_acc_median")
+        if not med:
+            continue
+        base = label[:-len("+daso")] if label.endswith("+daso") else None
+        base_med = vals(base, "bal_acc_median") if base else []
+        d = (f"{100 * (statistics.fmean(med) - statistics.fmean(base_med)):+.2f}"
+             if base_med else "–")
+        seeds = ",".join(str(r["seed"]) for r in sorted(
+            (r for r in records if r["method"] == label), key=lambda r: r["seed"]))
+        paper = f"{row.paper[1]:.1f} ({row.paper[0]})" if row.paper else "–"
+        lines.append(f"| `{label}` | {seeds} | {cell(med)} | {cell(vals(label, 'bal_acc_final'))} "
+                     f"| {cell(vals(label, 'tail_recall_median'))} | {d} | {paper} |")
+    return "\n".join(lines)
+
+
+def report(records: list[dict], rows: dict[str, Row], argv: list[str]) -> str:
+    r0 = records[0]
+    t = r0["trainer"]
+    commits = sorted({r["commit"] for r in records})
+    overrides = "\n".join(f"- `{label}`: `{' '.join(row.overrides)}`"
+                          + (f" (starts from the finished `{row.after}` run of the same seed)"
+                             if row.after else "") for label, row in rows.items())
+    return f"""# Comparators of the DASO paper's tables on digits-LT (issue 19)
+
+Generated by `python analysis/comparators_digits.py {' '.join(argv)}` from {len(records)}
+finished run folders (commits {', '.join(commits)}).
+
+**The scale differs: do not read the two sides as the same experiment.** Left: digits-LT
+(scikit-learn 8x8 digits, long-tailed: labeled {r0['labeled_counts']}, unlabeled
+[90, ..., 9], gamma = 10; test 50 per class), `model=small_cnn`, SGD lr 0.03,
+{t['iterations']} iterations, labeled batch {t['batch_size']}; cells are mean ± sample std over
+the seeds of the balanced accuracy (%), *median* = median of the last {t['summary_last']}
+evaluations (every {t['eval_interval']} iterations), *final* = the last evaluation, *tail* =
+the 3 classes with the fewest labels (digits {', '.join(map(str, r0['tail_classes']))}).
+Right: the value the DASO paper (Oh et al., CVPR 2022) prints for the same method on
+CIFAR-10-LT with WRN-28-2 and 250k iterations, for orientation only; "–" where the paper has
+no such row.
+
+{table(records, rows)}
+
+Each row's overrides (beyond the digits-LT budget of `analysis/benchmark_digits.py`):
+
+{overrides}
+"""
+
+
+def write(out: Path, records: list[dict], rows: dict[str, Row], argv: list[str]) -> Path:
+    order = {label: i for i, label in enumerate(rows)}
+    records.sort(key=lambda r: (order[r["method"]], r["seed"]))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{NAME}_runs.json").write_text(json.dumps(records, indent=1) + "\n")
+    cols = ["method", "seed", "bal_acc_median", "bal_acc_final", "tail_recall_median",
+            "tail_recall_final", "evaluations", "commit"]
+    lines = [",".join(cols)] + [",".join(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c])
+                                         for c in cols) for r in records]
+    (out / f"{NAME}_runs.csv").write_text("\n".join(lines) + "\n")
+    md = out / f"{NAME}.md"
+    md.write_text(report(records, rows, argv))
+    return md
+
+
+# ----------------------------------------------------------------------------- running
+def pending_jobs(args, rows: dict[str, Row], done: set[tuple[str, int]]) -> list[list]:
+    """Waves of (label, seed, overrides, threads) jobs: a row with ``after`` waits for the
+    wave that trains its base run."""
+    waves: list[list] = [[], []]
+    for seed in args.seeds:
+        for label, row in rows.items():
+            if (label, seed) in done:
+                continue
+            job = (label, seed, job_overrides(args, row, seed), args.threads)
+            waves[1 if row.after else 0].append(job)
+    return [w for w in waves if w]
+
+
+def parse_args(argv: list[str] | None):
+    p = bench.budget_parser(__doc__)
+    p.add_argument("--rows", nargs="+", default=None, help="a subset of the rows (labels)")
+    p.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides")
+    p.add_argument("--workers", type=int, default=2, help="parallel processes")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--out", type=Path, default=ROOT / "analysis" / "results")
+    p.add_argument("--out-runs", type=Path, default=ROOT / "analysis" / "results" / "comparators_digits_runs")
+    p.add_argument("--from-runs", nargs="+", type=Path, default=None, metavar="DIR",
+                   help="train nothing: the table from the finished run folders in DIR")
+    p.add_argument("--list", action="store_true", help="print the rows and their overrides")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    rows = rows_by_label()
+    if args.rows:
+        unknown = sorted(set(args.rows) - set(rows))
+        if unknown:
+            raise SystemExit(f"error: unknown rows {unknown}; see --list")
+        needed = set(args.rows) | {rows[r].after for r in args.rows if rows[r].after}
+        rows = {label: row for label, row in rows.items() if label in needed}
+    if args.list:
+        for label, row in rows.items():
+            print(f"{label:28s} {' '.join(row.overrides)}")
+        return 0
+    if args.from_runs is None:
+        done = {(r["method"], r["seed"]) for r in records_from_runs([args.out_runs], rows)}
+        waves = pending_jobs(args, rows, done)
+        total, start, finished = sum(map(len, waves)), time.perf_counter(), 0
+        print(f"{len(done)} finished run folders kept in {args.out_runs}, {total} to train",
+              flush=True)
+        for wave in waves:
+            with mp.get_context("spawn").Pool(args.workers, maxtasksperchild=4) as pool:
+                for rec in pool.imap_unordered(bench.run_one, wave):
+                    finished += 1
+                    bench._progress(rec, finished, total, start)
+    records = records_from_runs(args.from_runs or [args.out_runs], rows)
+    if not records:
+        print("no finished run folders", file=sys.stderr)
+        return 1
+    print(f"wrote {write(args.out, records, rows, argv)}")
+    return 0
+
+
+if __name__ == "__main__":
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    sys.exit(main())
