@@ -55,8 +55,10 @@ def test_cells_and_delta_against_the_same_method_without_daso():
     rows = {"fixmatch": cmp.Row("fixmatch", ("algorithm=fixmatch",)),
             "fixmatch+daso": cmp.Row("fixmatch+daso", ("algorithm=fixmatch", "pseudo=daso"),
                                      paper=("Table 1", 70.1))}
-    rec = lambda m, s, v: {"method": m, "seed": s, "bal_acc_median": v, "bal_acc_final": v,
-                           "tail_recall_median": v / 2}
+    def rec(m, s, v):
+        return {"method": m, "seed": s, "bal_acc_median": v, "bal_acc_final": v,
+                "tail_recall_median": v / 2}
+
     records = [rec("fixmatch", 0, 0.5), rec("fixmatch", 1, 0.7), rec("fixmatch+daso", 0, 0.8)]
     lines = cmp.table(records, rows).splitlines()
     assert lines[2] == "| `fixmatch` | 0,1 | 60.00 ± 14.14 | 60.00 ± 14.14 | 30.00 ± 7.07 | – | – |"
