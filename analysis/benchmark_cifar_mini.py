@@ -379,10 +379,24 @@ def runs_table(records: list[dict]) -> list[str]:
     return lines
 
 
-def render_markdown(records: list[dict], missing: list[Job]) -> str:
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def render_markdown(records: list[dict], missing: list[Job], sources: list[Path] | None = None,
+                    argv: list[str] | None = None) -> str:
+    sources = sources or [ROOT / "analysis/results/cifar10_lt_mini_runs"]
+    command = " ".join(["python analysis/benchmark_cifar_mini.py",
+                        *[a if not a.startswith("/") else _shown(Path(a)) for a in argv or []]])
     out = ["# CIFAR-10-LT mini protocol (2 CPU cores)", "",
-           "Produced by `python analysis/benchmark_cifar_mini.py` from the run folders in "
-           "`analysis/results/cifar10_lt_mini_runs/`; do not edit by hand.", "",
+           f"Produced by `{command}` from the run folders in "
+           f"{', '.join(f'`{_shown(d)}/`' for d in sources)}; do not edit by hand. "
+           "Each row's recipe is in brackets when it is not the row's own "
+           "(`daso_official`).", "",
            "Protocol (docs/experiments.md, configs/experiment/mini/): CIFAR-10-LT, gamma_l = 100, "
            "N1 = 1500, M1 = 3000; unlabeled consistent (gamma_u = 100), uniform (gamma_u = 1) or "
            "reversed; WRN-16-1, 2000 iterations, labeled batch 32, mu 2, SGD lr 0.03, official "
@@ -410,11 +424,12 @@ def render_markdown(records: list[dict], missing: list[Job]) -> str:
     return "\n".join(out)
 
 
-def write_outputs(records: list[dict], missing: list[Job], out: Path, stem: str) -> None:
+def write_outputs(records: list[dict], missing: list[Job], out: Path, stem: str,
+                  sources: list[Path] | None = None, argv: list[str] | None = None) -> None:
     import csv
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.md").write_text(render_markdown(records, missing))
+    (out / f"{stem}.md").write_text(render_markdown(records, missing, sources, argv))
     (out / f"{stem}_runs.json").write_text(json.dumps(records, indent=1) + "\n")
     flat = [k for k in records[0] if not isinstance(records[0][k], list)] if records else []
     with open(out / f"{stem}_runs.csv", "w", newline="") as fh:
@@ -451,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     for extra in args.compare_runs:
         records += read_records(extra)
     missing = [j for j in jobs if run_state(args.runs / j.name) != "finished"]
-    write_outputs(records, missing, args.out, args.stem)
+    write_outputs(records, missing, args.out, args.stem, [args.runs, *args.compare_runs],
+                  sys.argv[1:] if argv is None else argv)
     print(f"{len(records)} finished runs -> {args.out / (args.stem + '.md')}")
     return 0
 
