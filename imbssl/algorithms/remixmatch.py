@@ -78,7 +78,8 @@ class ReMixMatch(Algorithm):
     """Distribution alignment, augmentation anchoring, MixUp and rotation self-supervision."""
 
     Config = ReMixMatchConfig
-    unlabeled_views = ("weak", "strong", "strong")
+    # official build.py: ReMixMatch's RandAugment + Cutout after the resize (ra_first=False)
+    unlabeled_views = ("weak", "strong_after_resize", "strong_after_resize")
 
     def __init__(self, cfg: ReMixMatchConfig, num_classes: int, feat_dim: int,
                  labeled_labels: Tensor, refiner=None):
