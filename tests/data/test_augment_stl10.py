@@ -160,3 +160,21 @@ def test_only_stl10_config_resizes_views():
     for path in sorted((REPO / "configs" / "dataset").glob("*.yaml")):
         raw = OmegaConf.load(path)
         assert raw.resize_views is (path.stem == "stl10"), path.name
+
+
+@pytest.mark.parametrize("algorithm", ["fixmatch", "remixmatch"])
+def test_trainer_sees_views_of_the_output_size(tiny_cfg, fake_stl10, algorithm):
+    """A few training steps on the fake STL-10 (12 px stored, 4 px views): every batch the
+    model sees has the views' size, and ReMixMatch asks for the after-resize strong views."""
+    from imbssl.engine.trainer import Trainer
+
+    cfg = tiny_cfg("dataset=stl10", f"dataset.root={fake_stl10}", "dataset.n1=4",
+                   "dataset.gamma_l=4", "dataset.image_size=4", "model=small_cnn",
+                   f"algorithm={algorithm}", "pseudo=none", "trainer.report=false")
+    trainer = Trainer(cfg)
+    sizes = set()
+    trainer.model.register_forward_pre_hook(lambda m, args: sizes.add(args[0].shape[1:]))
+    trainer.run()
+    assert sizes == {(3, 4, 4)}
+    strong = {"fixmatch": "strong", "remixmatch": "strong_after_resize"}[algorithm]
+    assert trainer.algo.unlabeled_views[1] == strong
