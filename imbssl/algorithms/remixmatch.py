@@ -40,7 +40,8 @@ from imbssl.algorithms.ops import (
     soft_cross_entropy,
 )
 from imbssl.data.ctaugment import build_ctaugment, with_ctaugment
-from imbssl.pseudo.base import add_extra_loss
+from imbssl.errors import UserError
+from imbssl.pseudo.base import IdentityRefiner, add_extra_loss
 from imbssl.pseudo.dist_align import build_dist_align
 
 
@@ -57,6 +58,11 @@ class ReMixMatchConfig(AlgorithmConfig):
     dist_align: str = "labeled"  # labeled | uniform | none (paper: labeled p(y))
     dist_align_window: int = 128  # batches in p~(y) (paper; DASO Queue max_size)
     strong_augment: str = "randaugment"  # randaugment (DASO) | ctaugment (ReMixMatch paper)
+    # official: separate without a refiner (DASO remixmatch.py), joint with one (rm_daso.py)
+    passes: str = "official"  # official | separate | joint
+
+
+PASSES = ("official", "separate", "joint")
 
 
 def rotation_head(feat_dim: int) -> nn.Linear:
@@ -72,7 +78,8 @@ class ReMixMatch(Algorithm):
     """Distribution alignment, augmentation anchoring, MixUp and rotation self-supervision."""
 
     Config = ReMixMatchConfig
-    unlabeled_views = ("weak", "strong", "strong")
+    # official build.py: ReMixMatch's RandAugment + Cutout after the resize (ra_first=False)
+    unlabeled_views = ("weak", "strong_after_resize", "strong_after_resize")
 
     def __init__(self, cfg: ReMixMatchConfig, num_classes: int, feat_dim: int,
                  labeled_labels: Tensor, refiner=None):
@@ -81,6 +88,7 @@ class ReMixMatch(Algorithm):
                                            cfg.dist_align_window)
         self.ctaugment = build_ctaugment(cfg.strong_augment)  # its weights: a buffer
         self.unlabeled_views = with_ctaugment(type(self).unlabeled_views, self.ctaugment)
+        self.joint_pass = joint_pass(cfg.passes, type(self.refiner) is not IdentityRefiner)
 
     @classmethod
     def make_heads(cls, cfg, feat_dim: int, num_classes: int) -> dict[str, nn.Module]:
@@ -91,7 +99,12 @@ class ReMixMatch(Algorithm):
         x_w, x_s1, x_s2 = batch.x_ulb
         self.feed_refiner(batch, state)
         probe_logs = self.probe_ctaugment(batch, state)
-        (logits_w, feats_w), (logits_s1, feats_s1) = forward_all(model, x_w, x_s1)
+        if self.joint_pass:  # rm_daso.py: one pass over [weak, strong 1]
+            (logits_w, feats_w), (logits_s1, feats_s1) = forward_all(model, x_w, x_s1)
+        else:  # remixmatch.py: the guess from a no-grad pass over the weak view alone
+            with torch.no_grad():
+                out_w = model(x_w)
+            logits_w, feats_w = out_w.logits, out_w.features
 
         with torch.no_grad():
             probs = torch.softmax(logits_w.detach().float(), dim=-1)
@@ -104,9 +117,6 @@ class ReMixMatch(Algorithm):
         self.refiner.observe(pseudo)
         ramp = linear_rampup(state.step, state.total_steps, cfg.rampup_ratio)
 
-        # pre-MixUp loss: H(q, p_model(y | u^_1)) on strong view 1  (Sec. 3.3, lambda_U1)
-        loss_kl = soft_cross_entropy(logits_s1, targets_u).mean()
-
         n_lb = batch.x_lb.size(0)
         x_all = torch.cat([batch.x_lb, x_w, x_s1, x_s2])
         y_all = torch.cat([one_hot(batch.y_lb, self.num_classes), targets_u, targets_u, targets_u])
@@ -114,6 +124,12 @@ class ReMixMatch(Algorithm):
         logits = model(x_mix).logits
         loss_x = soft_cross_entropy(logits[:n_lb], y_mix[:n_lb]).mean()
         loss_u = soft_cross_entropy(logits[n_lb:], y_mix[n_lb:]).mean()
+
+        if not self.joint_pass:  # remixmatch.py: strong view 1 alone, after the MixUp pass
+            out_s1 = model(x_s1)
+            logits_s1, feats_s1 = out_s1.logits, out_s1.features
+        # pre-MixUp loss: H(q, p_model(y | u^_1)) on strong view 1  (Sec. 3.3, lambda_U1)
+        loss_kl = soft_cross_entropy(logits_s1, targets_u).mean()
 
         # rotation self-supervision on strong view 1: r ~ U{0, 90, 180, 270}  (Sec. 3.3)
         rot = torch.randint(0, 4, (x_s1.size(0),), device=x_s1.device)
@@ -131,3 +147,10 @@ class ReMixMatch(Algorithm):
         loss = add_extra_loss(loss, logs, extra, extra_logs)
         logs.update(self.refiner.pseudo_logs())
         return loss, logs
+
+
+def joint_pass(passes: str, has_refiner: bool) -> bool:
+    """Whether weak and strong view 1 share one forward pass (``algorithm.passes``)."""
+    if passes not in PASSES:
+        raise UserError(f"algorithm.passes must be one of {PASSES}, got {passes!r}")
+    return passes == "joint" or (passes == "official" and has_refiner)

@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from imbssl.algorithms import Batch
+from imbssl.data.augment import STRONG_VIEWS
 from imbssl.engine.trainer import Trainer
 
 LEVELS = 10
@@ -139,7 +140,7 @@ class PILViews:
         if name == "none":
             return self.to_tensor(img)
         img = self.weak_pil(img)
-        if name == "strong":
+        if name in STRONG_VIEWS:  # no resize here, so both orders are the same
             img = self.randaug(img)
         return self.to_tensor(img)
 

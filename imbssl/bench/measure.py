@@ -147,7 +147,7 @@ def forward_flops_per_image(trainer) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     model = copy.deepcopy(trainer.model).eval()
-    x = trainer.data.augmenter.normalize(trainer.data.labeled.images[:2])
+    x = trainer.data.augmenter.view("none", trainer.data.labeled.images[:2])  # views' size
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(x)

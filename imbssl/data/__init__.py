@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .augment import Augmenter
+from .augment import Augmenter, resize
 from .device_loader import BatchStream, TensorSet
 from .longtail import (
     Split,
@@ -45,6 +45,9 @@ class DatasetConfig:
     seed: int = 0
     flip: bool = False  # random horizontal flip in weak/strong views
     image_size: int = 0  # resize every image to this square size once at load; 0 keeps it
+    # true: train images stay at their native size on the device and every view is resized to
+    # image_size after its crop (official DASO order; test / validation resized once at load)
+    resize_views: bool = False
     # Fill of the strong view's Rotate/Shear/Translate: 128 = Google FixMatch (augment.WARP_FILL),
     # 0 = official DASO (PIL rotate/transform without fillcolor: black).
     geometric_fill: int = 128
@@ -71,7 +74,9 @@ def build_data(cfg: Any, device: torch.device | str = "cpu") -> DataBundle:
     get = _getter(cfg)
     name = str(get("name"))
     src = load_source(name, _resolve_root(str(get("root"))), bool(get("download")))
-    src = resized(src, int(get("image_size")))
+    size = int(get("image_size"))
+    view_size = size if bool(get("resize_views")) else 0  # resize per view, not at load
+    src = resized(src, size, keep_train=view_size > 0)
     k = src.num_classes
     has_extra = src.extra_unlabeled_images is not None
     try:
@@ -86,8 +91,10 @@ def build_data(cfg: Any, device: torch.device | str = "cpu") -> DataBundle:
         raise DataError(f"dataset {name}: {exc}") from None
     counts = split_counts(src.train_labels, split, k)
 
-    def part(idx: np.ndarray) -> TensorSet:
-        return TensorSet.from_numpy(src.train_images[idx], src.train_labels[idx], device)
+    def part(idx: np.ndarray, size: int = 0) -> TensorSet:
+        images = src.train_images[idx]
+        return TensorSet.from_numpy(resize_images(images, size) if size else images,
+                                    src.train_labels[idx], device)
 
     if has_extra:  # stl10: the 100k unlabeled images, labels unknown
         unlabeled, u_counts = TensorSet.from_numpy(src.extra_unlabeled_images, None, device), None
@@ -95,15 +102,16 @@ def build_data(cfg: Any, device: torch.device | str = "cpu") -> DataBundle:
         unlabeled, u_counts = part(split.unlabeled), counts.unlabeled
     mean, std = (channel_stats(src.train_images) if name == "imagefolder"
                  else NORMALIZATION[name])
-    h, w, c = src.train_images.shape[1:]
+    h, w, c = src.test_images.shape[1:]  # evaluation images: the views' size
     return DataBundle(
         num_classes=k, class_names=list(src.class_names), image_shape=(c, h, w),
         labeled=part(split.labeled), unlabeled=unlabeled,
-        valid=part(split.valid) if len(split.valid) else None,
+        valid=part(split.valid, view_size) if len(split.valid) else None,
         test=TensorSet.from_numpy(src.test_images, src.test_labels, device),
         labeled_counts=counts.labeled, unlabeled_counts=u_counts,
         augmenter=Augmenter(mean, std, flip=bool(get("flip")),
-                            geometric_fill=geometric_fill(get("geometric_fill"))),
+                            geometric_fill=geometric_fill(get("geometric_fill")),
+                            size=view_size),
     )
 
 
@@ -115,13 +123,15 @@ def geometric_fill(value: Any) -> int:
     return value
 
 
-def resized(src: SourceData, size: int) -> SourceData:
-    """``src`` with every image resized to size x size (antialiased bilinear); 0 keeps it."""
+def resized(src: SourceData, size: int, keep_train: bool = False) -> SourceData:
+    """``src`` with every image resized to size x size (antialiased bilinear); 0 keeps it;
+    ``keep_train``: the test images only (the views resize the train images)."""
     if size < 0:
         raise DataError(f"dataset.image_size must be >= 0 (0 keeps the native size), got {size}")
-    if size == 0 or src.train_images.shape[1:3] == (size, size):
+    if size == 0 or src.test_images.shape[1:3] == (size, size):
         return src
-    fields = ("train_images", "test_images", "extra_unlabeled_images")
+    fields = ("test_images",) if keep_train else (
+        "train_images", "test_images", "extra_unlabeled_images")
     changes = {f: resize_images(getattr(src, f), size) for f in fields
                if getattr(src, f) is not None}
     return dataclasses.replace(src, **changes)
@@ -131,10 +141,8 @@ def resize_images(images_nhwc: np.ndarray, size: int, chunk: int = 4096) -> np.n
     """Resize uint8 (N, H, W, C) images to (N, size, size, C), a chunk at a time."""
     out = np.empty((len(images_nhwc), size, size, images_nhwc.shape[3]), dtype=np.uint8)
     for start in range(0, len(images_nhwc), chunk):
-        x = torch.from_numpy(images_nhwc[start:start + chunk]).permute(0, 3, 1, 2).float()
-        y = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear",
-                                            antialias=True, align_corners=False)
-        out[start:start + chunk] = y.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        x = torch.from_numpy(images_nhwc[start:start + chunk]).permute(0, 3, 1, 2)
+        out[start:start + chunk] = resize(x, size).permute(0, 2, 3, 1).numpy()
     return out
 
 

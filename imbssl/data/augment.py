@@ -11,6 +11,14 @@ input's dtype, and follow PIL's semantics (the reference RandAugment is PIL-base
 * geometric ops sample with nearest neighbour and fill WARP_FILL = 128 as Google's FixMatch
   does, or any other fill passed as ``fill`` (official DASO's PIL calls fill black, 0).
 
+Views at another size than the stored images (``Augmenter(size=...)``, STL-10's 96 -> 32 px)
+follow the official DASO order (``lib/dataset/transform/transforms.py: Augmentation``): flip
+and crop at the stored size, then an antialiased bilinear resize of the batch; the "strong"
+view (FixMatch family, ``ra_first=True`` in ``build.py``) runs RandAugment and Cutout before
+the resize, "strong_after_resize" (ReMixMatch, ``ra_first=False``) after it. Crop padding and
+Cutout side are fixed in pixels as the official code fixes them (pad 4, ``CutoutAbs(16)``):
+``pad_fraction`` and ``cutout`` times the *output* side, at whichever size they run.
+
 Internally a RandAugment slot is applied in three vectorized groups: per-image per-channel
 lookup tables (AutoContrast, Brightness, Contrast, Equalize, Identity, Posterize, Solarize),
 blends with a degenerate image (Color, Sharpness) and one batched affine warp (Rotate, Shear,
@@ -43,6 +51,8 @@ _IS_GEOMETRIC = [n in GEOMETRIC_OPS for n in RANDAUG_OPS]
 _CONSTS: dict[str, dict[str, Tensor]] = {}
 WARP_FILL = 128.0  # Google FixMatch's fill of Rotate/Shear/Translate (default of `fill`)
 CUTOUT_FILL = 127.0
+# Strong views: RandAugment + Cutout before the resize (official ra_first=True) or after it.
+STRONG_VIEWS = ("strong", "strong_after_resize")
 LEVELS = 10  # magnitude levels: each op draws level ~ U{1, ..., LEVELS - 1}
 
 
@@ -354,6 +364,16 @@ def _reflect(k: Tensor, n: int) -> Tensor:
     return (n - 1) - ((n - 1) - k.abs()).abs()
 
 
+def resize(x: Tensor, size: int) -> Tensor:
+    """(B, C, H, W) images (uint8, or float holding integers) -> uint8 (B, C, size, size):
+    antialiased bilinear, rounded; as torchvision's Resize of PIL images up to rounding."""
+    if x.shape[2:] == (size, size):
+        return x if x.dtype == torch.uint8 else x.round().clamp(0, 255).to(torch.uint8)
+    y = F.interpolate(_as_float(x), size=(size, size), mode="bilinear", antialias=True,
+                      align_corners=False)
+    return y.round_().clamp_(0, 255).to(torch.uint8)
+
+
 def cutout(x: Tensor, top: Tensor, left: Tensor, size: int) -> Tensor:
     """Fill the square [top, top+size) x [left, left+size) (clipped) of each image with 127."""
     h, w = x.shape[2:]
@@ -447,9 +467,12 @@ class Augmenter:
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], flip: bool = True,
                  pad_fraction: float = 0.125, randaug_n: int = 2, cutout: float = 0.5,
-                 geometric_fill: float = WARP_FILL):
+                 geometric_fill: float = WARP_FILL, size: int = 0):
         if len(mean) != len(std):
             raise ValueError(f"mean {mean} and std {std} have different lengths")
+        if size < 0:
+            raise ValueError(f"size must be >= 0 (0: views keep the images' size), got {size}")
+        self.size = int(size)  # side of every view; 0 keeps the stored images' side
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.flip, self.pad_fraction = bool(flip), float(pad_fraction)
         self.randaug_n, self.cutout = int(randaug_n), float(cutout)
@@ -460,7 +483,8 @@ class Augmenter:
         """Settings in one line."""
         return (f"Augmenter(mean={self.mean}, std={self.std}, flip={self.flip}, "
                 f"pad_fraction={self.pad_fraction}, randaug_n={self.randaug_n}, "
-                f"cutout={self.cutout}, geometric_fill={self.geometric_fill})")
+                f"cutout={self.cutout}, geometric_fill={self.geometric_fill}, "
+                f"size={self.size})")
 
     def normalize(self, x: Tensor) -> Tensor:
         """uint8 (or float in [0, 255]) -> float32 (x / 255 - mean) / std."""
@@ -484,21 +508,44 @@ class Augmenter:
         scale, shift = self._norm_params(x.device)
         return ((x.float() - shift) / scale).round_().clamp_(0, 255).to(torch.uint8)
 
-    def pad(self, height: int) -> int:
-        """Reflect padding of the random crop: round(pad_fraction * H) (4 at 32, 1 at 8)."""
-        return int(round(self.pad_fraction * height))
+    def out_size(self, height: int) -> int:
+        """Side of the views of images of side ``height``."""
+        return self.size or height
 
-    def weak_u8(self, x: Tensor, gen: torch.Generator) -> Tensor:
-        """Random horizontal flip (if enabled) + reflect-pad random crop; uint8 in, uint8 out."""
+    def pad(self, height: int) -> int:
+        """Reflect padding of the random crop of images of side ``height``, in pixels:
+        round(pad_fraction * output side) (4 at 32, 1 at 8; official DASO: 4 at STL-10's 96)."""
+        return int(round(self.pad_fraction * self.out_size(height)))
+
+    def cutout_side(self, height: int) -> int:
+        """Cutout's side in pixels for images of side ``height``: int(cutout * output side)
+        (16 at 32 px, official ``CutoutAbs(img, 16)``, also at STL-10's 96 px)."""
+        return int(self.cutout * self.out_size(height))
+
+    def resized(self, x: Tensor) -> Tensor:
+        """x resized to the views' side (uint8); x itself when it has that side already."""
+        return x if not self.size else resize(x, self.size)
+
+    def flip_crop_u8(self, x: Tensor, gen: torch.Generator) -> Tensor:
+        """Random horizontal flip (if enabled) + reflect-pad random crop at x's own size."""
         b, dev, pad = x.shape[0], x.device, self.pad(x.shape[2])
         flip = _coin(b, gen, dev) & self.flip
         oy = _randint(0, 2 * pad + 1, b, gen, dev)
         ox = _randint(0, 2 * pad + 1, b, gen, dev)
         return flip_crop(x, flip, oy, ox, pad)
 
-    def strong_u8(self, x: Tensor, gen: torch.Generator) -> Tensor:
-        """weak_u8, then RandAugment (N ops, each applied w.p. 0.5) and Cutout; uint8 out."""
-        x = self.weak_u8(x, gen)
+    def weak_u8(self, x: Tensor, gen: torch.Generator) -> Tensor:
+        """flip_crop_u8, then the resize to the views' side; uint8 in, uint8 out."""
+        return self.resized(self.flip_crop_u8(x, gen))
+
+    def strong_u8(self, x: Tensor, gen: torch.Generator,
+                  before_resize: bool = True) -> Tensor:
+        """flip_crop_u8, then RandAugment (N ops, each applied w.p. 0.5) and Cutout, before
+        the resize (official ``ra_first=True``) or after it; uint8 out."""
+        x = self.flip_crop_u8(x, gen)
+        cut = self.cutout_side(x.shape[2])
+        if not before_resize:
+            x = self.resized(x)
         b, dev, (h, w) = x.shape[0], x.device, x.shape[2:]
         xf = x.float()
         for _ in range(self.randaug_n):
@@ -508,12 +555,13 @@ class Augmenter:
             op = torch.where(_coin(b, gen, dev), op, torch.full_like(op, OP_INDEX["identity"]))
             xf = apply_ops(xf, op, fixmatch_magnitudes(op, level, sign, h, w),
                            self.geometric_fill)
-        return self._cutout(xf, gen).to(torch.uint8)
+        return self.resized(self._cutout(xf, gen, cut).to(torch.uint8))
 
-    def _cutout(self, xf: Tensor, gen: torch.Generator) -> Tensor:
-        """FixMatch CutoutAbs: square of side cutout*H around a uniform centre, clipped."""
+    def _cutout(self, xf: Tensor, gen: torch.Generator, size: int | None = None) -> Tensor:
+        """FixMatch CutoutAbs: square of side ``size`` (default cutout_side) around a uniform
+        centre, clipped."""
         b, dev, (h, w) = xf.shape[0], xf.device, xf.shape[2:]
-        size = int(self.cutout * h)
+        size = self.cutout_side(h) if size is None else size
         if size <= 0:
             return xf
         cy = torch.rand(b, generator=gen, device=dev) * h
@@ -526,19 +574,23 @@ class Augmenter:
         """Normalized float32 weak view."""
         return self.normalize(self.weak_u8(x, gen))
 
-    def strong(self, x: Tensor, gen: torch.Generator) -> Tensor:
+    def strong(self, x: Tensor, gen: torch.Generator, before_resize: bool = True) -> Tensor:
         """Normalized float32 strong view."""
-        return self.normalize(self.strong_u8(x, gen))
+        return self.normalize(self.strong_u8(x, gen, before_resize))
 
     def view(self, name, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
-        """The view called name: "weak", "strong" or "none" (normalization only), or a
-        callable view(augmenter, x, gen) an algorithm brings (CTAugment's strong view)."""
+        """The view called name: "weak", "strong" (RandAugment + Cutout before the resize),
+        "strong_after_resize" or "none" (resize and normalization only), or a callable
+        view(augmenter, x, gen) an algorithm brings (CTAugment's strong view)."""
         if callable(name):
             return name(self, x, gen)
         if name == "none":
-            return self.normalize(x)
-        if name not in ("weak", "strong"):
-            raise ValueError(f"unknown view {name!r}; expected 'weak', 'strong' or 'none'")
+            return self.normalize(self.resized(x))
+        if name not in ("weak", *STRONG_VIEWS):
+            raise ValueError(f"unknown view {name!r}; expected 'weak', "
+                             f"{', '.join(map(repr, STRONG_VIEWS))} or 'none'")
         if gen is None:
             raise ValueError(f"the {name!r} view needs a torch.Generator")
-        return self.weak(x, gen) if name == "weak" else self.strong(x, gen)
+        if name == "weak":
+            return self.weak(x, gen)
+        return self.strong(x, gen, before_resize=name == "strong")

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from . import augment as A
-from .augment import Augmenter
+from .augment import STRONG_VIEWS, Augmenter
 
 CTA_OPS: tuple[str, ...] = (
     "autocontrast", "blur", "brightness", "color", "contrast", "cutout", "equalize", "invert",
@@ -287,6 +287,6 @@ def build_ctaugment(strong_augment: str) -> CTAugment | None:
 
 
 def with_ctaugment(views: tuple, cta: CTAugment | None) -> tuple:
-    """``views`` with every "strong" view drawn by ``cta`` (unchanged without it)."""
-    return views if cta is None else tuple(cta.strong_view if v == "strong" else v
+    """``views`` with every strong view drawn by ``cta`` (unchanged without it)."""
+    return views if cta is None else tuple(cta.strong_view if v in STRONG_VIEWS else v
                                            for v in views)
