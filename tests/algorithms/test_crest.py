@@ -161,3 +161,50 @@ def test_a_new_generation_restarts_network_and_schedule(tiny_cfg):
         assert torch.equal(value, fresh[name].to(value.device)), name
         assert torch.equal(trainer.ema.model.state_dict()[name], value), name
     assert len(trainer.optimizer.state) == 0
+
+
+def comparators_generator():
+    """configs/experiment/_generate_comparators_c.py as a module."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from imbssl.cli import CONFIG_DIR
+
+    path = Path(CONFIG_DIR) / "experiment" / "_generate_comparators_c.py"
+    spec = importlib.util.spec_from_file_location("comparators_c_generate", path)
+    gen = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = gen
+    try:
+        spec.loader.exec_module(gen)
+    finally:
+        del sys.modules[spec.name]
+    return gen
+
+
+def test_crest_and_crt_rows_are_generated_and_compose():
+    from imbssl.cli import compose
+
+    gen = comparators_generator()
+    assert gen.main(["--check"]) == 0, "run: python configs/experiment/_generate_comparators_c.py"
+    rows = gen.rows()
+    assert len([r for r in rows if r.endswith("_crest_plus")]) == 10  # Table 1 (6) + Table 2 (4)
+    assert len([r for r in rows if r.endswith("_fixmatch_crest")]) == 8  # mismatched + STL-10
+    assert len([r for r in rows if r.endswith("_crt")]) == 8  # after FixMatch (+ DASO), Table 1
+    for name in rows:
+        cfg = compose([f"experiment={name}", "seed=3"])
+        a, t = cfg.algorithm, cfg.trainer
+        assert cfg.experiment_name == name and cfg.model.name == "wrn28_2"
+        assert (t.iterations, t.batch_size, t.eval_interval) == (250000, 64, 500), name
+        assert cfg.pseudo.name == "none", name
+        if name.endswith("_crt"):
+            ssl = name[: -len("_crt")]
+            assert a.name == "crt" and a.init_from == f"runs/{ssl}-seed3", name
+            assert (gen.base.HERE / f"{ssl}.yaml").is_file(), name
+        else:
+            plus = name.endswith("_crest_plus")
+            assert a.name == ("crest_plus" if plus else "crest"), name
+            assert (a.generations, a.alpha, a.t_min, a.uratio) == (5, 3.0, 0.5, 2), name
+            assert a.dist_align == ("labeled" if plus else "none"), name
+            assert a.progressive_align == plus, name
+            assert not (plus and cfg.dataset.name == "stl10"), name
