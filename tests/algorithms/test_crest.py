@@ -208,3 +208,29 @@ def test_crest_and_crt_rows_are_generated_and_compose():
             assert a.dist_align == ("labeled" if plus else "none"), name
             assert a.progressive_align == plus, name
             assert not (plus and cfg.dataset.name == "stl10"), name
+
+
+@pytest.mark.parametrize("algo", ["crest", "crest_plus"])
+def test_crest_runs_on_digits_lt_via_the_cli(tmp_path, algo):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / algo
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "imbssl", "train", "dataset=digits_lt", f"algorithm={algo}",
+         "pseudo=none", "algorithm.generations=2", "trainer.iterations=4",
+         "trainer.batch_size=8", "trainer.eval_interval=2", "trainer.progress=false",
+         "device=cpu", f"run_dir={out}"],
+        capture_output=True, text=True, timeout=600, check=False, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss/total"] for r in rows if r["split"] == "train"]
+    assert losses and all(np.isfinite(losses))
+    assert [r["step"] for r in rows if r["split"] == "labeled_set"] == [2]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["step"] == 4
+    for name in ("config.yaml", "meta.json", "per_class.csv", "report.html",
+                 "labeled_added_00000002.npy", "checkpoints/ckpt_00000004.pt"):
+        assert (out / name).is_file(), name
