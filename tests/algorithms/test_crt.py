@@ -49,16 +49,19 @@ def test_class_balanced_stream_resumes_exactly():
 
 @pytest.fixture(scope="module")
 def ssl_runs(tmp_path_factory):
-    """Finished tiny digits-LT runs of FixMatch and FixMatch + DASO (the SSL phase)."""
+    """Finished tiny digits-LT runs of the supervised baseline (the DASO paper's Supervised
+    w/ cRT), FixMatch and FixMatch + DASO."""
     from imbssl.cli import compose
 
     root = tmp_path_factory.mktemp("crt")
     tiny = ["trainer.iterations=4", "trainer.batch_size=8", "trainer.eval_interval=2",
             "trainer.checkpoint_interval=2", "trainer.progress=false", "device=cpu", *QUIET]
     runs = {}
-    for name, extra in {"fixmatch": ["pseudo=none"],
-                        "fixmatch_daso": ["pseudo=daso", "pseudo.warmup_iters=1"]}.items():
-        cfg = compose([*tiny, "algorithm=fixmatch", *extra, f"run_dir={root / name}"])
+    for name, extra in {"supervised": ["algorithm=supervised", "pseudo=none"],
+                        "fixmatch": ["algorithm=fixmatch", "pseudo=none"],
+                        "fixmatch_daso": ["algorithm=fixmatch", "pseudo=daso",
+                                          "pseudo.warmup_iters=1"]}.items():
+        cfg = compose([*tiny, *extra, f"run_dir={root / name}"])
         Trainer(cfg).run()
         runs[name] = root / name
     return runs
@@ -101,9 +104,9 @@ def cli_train(*overrides: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600, check=False, env=env)
 
 
-@pytest.mark.parametrize("ssl", ["fixmatch", "fixmatch_daso"])
+@pytest.mark.parametrize("ssl", ["supervised", "fixmatch", "fixmatch_daso"])
 def test_crt_after_ssl_runs_on_digits_lt_via_the_cli(ssl_runs, tmp_path, ssl):
-    """The paper's combinations: FixMatch + cRT and FixMatch w/ DASO + cRT."""
+    """The paper's Supervised w/ cRT (DASO Table 11), and cRT after FixMatch (+ DASO)."""
     out = tmp_path / "crt"
     proc = cli_train("dataset=digits_lt", "algorithm=crt", "pseudo=none",
                      f"algorithm.init_from={ssl_runs[ssl]}", "trainer.iterations=4",
