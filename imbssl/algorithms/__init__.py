@@ -4,7 +4,13 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from imbssl.algorithms.base import Algorithm, AlgorithmConfig, Batch, StepState
+from imbssl.algorithms.base import (
+    Algorithm,
+    AlgorithmConfig,
+    Batch,
+    LabeledSetUpdate,
+    StepState,
+)
 from imbssl.errors import UnknownNameError
 
 _REGISTRY: dict[str, type[Algorithm]] = {}
@@ -41,5 +47,5 @@ def get_algorithm(name: str) -> type[Algorithm]:
     return algos[name]
 
 
-__all__ = ["Algorithm", "AlgorithmConfig", "Batch", "StepState", "register", "registry",
-           "get_algorithm"]
+__all__ = ["Algorithm", "AlgorithmConfig", "Batch", "LabeledSetUpdate", "StepState", "register",
+           "registry", "get_algorithm"]

@@ -13,6 +13,18 @@ Logs: a dict of tensors, never Python floats (no host sync per step).
     prediction on the weak view), ``pseudo/semantic`` and ``pseudo/final`` where present,
     and ``pseudo/mask`` (1.0 where the pseudo-label is used by the unlabeled loss).
     The trainer pairs them with the true labels (which algorithms never see) for diagnostics.
+
+Hooks beyond ``step`` (no-op defaults; the trainer calls them without knowing the method):
+  * ``phase(step, total)``: the step within the current phase and the phase's length, which
+    the learning-rate schedule and the EMA warm-up see (self-training generations restart them).
+  * ``labeled_update_due(step, total)`` / ``update_labeled_set(probs, ...)``: after such a step
+    the trainer hands over the EMA model's predictions on the whole unlabeled set and gets
+    back a ``LabeledSetUpdate`` (unlabeled images added to the labeled set with pseudo-labels,
+    optionally restarting network, EMA and optimizer); it is checkpointed and logged per class.
+  * ``labeled_sampling``: how the labeled batch stream samples ("shuffle" epochs, or
+    "class_balanced": class uniformly, then an image of it).
+  * ``init_from`` / ``configure_network(model)``: a checkpoint whose weights the run starts
+    from, and which parameters train (a post-training phase such as classifier re-training).
 """
 from __future__ import annotations
 
@@ -56,12 +68,25 @@ class StepState:
     ema_model: nn.Module
 
 
+@dataclass
+class LabeledSetUpdate:
+    """The labeled set from now on: the initial labeled images plus the unlabeled images
+    ``indices`` labeled ``labels`` (replacing earlier additions); ``restart`` re-initialises
+    network, EMA and optimizer (a new self-training generation)."""
+
+    indices: Tensor
+    labels: Tensor
+    restart: bool = False
+
+
 class Algorithm(nn.Module):
     """Base class: subclasses set ``Config``, the views they need, and implement ``step``."""
 
     Config: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
     #: augmentations of the unlabeled batch the step needs, e.g. ("weak", "strong")
     unlabeled_views: ClassVar[tuple[str, ...]] = ()
+    #: labeled batch sampling: "shuffle" (epochs) | "class_balanced" (class, then image)
+    labeled_sampling: ClassVar[str] = "shuffle"
 
     def __init__(self, cfg: AlgorithmConfig, num_classes: int, feat_dim: int,
                  labeled_labels: Tensor, refiner: nn.Module | None = None):
@@ -91,6 +116,32 @@ class Algorithm(nn.Module):
 
     def step(self, batch: Batch, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
+
+    @property
+    def init_from(self) -> str:
+        """A checkpoint (file or run folder) whose weights the run starts from ("": none)."""
+        return ""
+
+    def configure_network(self, model: nn.Module) -> None:
+        """Freeze what the method keeps fixed (after ``init_from`` is loaded); all trains by default."""
+
+    def load_init_weights(self, model: nn.Module, ema_model: nn.Module, state: dict) -> None:
+        """Load ``init_from``'s checkpoint ``state`` into the network and its EMA copy."""
+        model.load_state_dict(state["model"])
+        ema_model.load_state_dict(state["ema"])
+
+    def phase(self, step: int, total: int) -> tuple[int, int]:
+        """(step within the current phase, the phase's length) for the schedule and EMA warm-up."""
+        return step, total
+
+    def labeled_update_due(self, step: int, total: int) -> bool:
+        """Whether the labeled set changes after ``step`` finished steps."""
+        return False
+
+    def update_labeled_set(self, unlabeled_probs: Tensor, step: int,
+                           total: int) -> LabeledSetUpdate:
+        """The new labeled set from the EMA model's (N_u, K) probabilities on the unlabeled set."""
+        raise NotImplementedError(f"{type(self).__name__} does not change the labeled set")
 
     def eval_logits(self, output) -> Tensor:
         """The logits evaluation takes the argmax of, from the network's output: the

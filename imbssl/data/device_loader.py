@@ -122,3 +122,64 @@ class BatchStream:
         """Keep the CPU permutation (for state_dict) and its device copy."""
         self._perm = perm
         self._perm_dev = perm.to(self.device, non_blocking=False)
+
+
+class ClassBalancedStream:
+    """Endless class-balanced batches: each item draws a class uniformly among the classes
+    present, then an image of it uniformly (class-aware sampling, Shen et al. 2016, as cRT
+    re-trains with; i.i.d. draws with replacement). Same interface as ``BatchStream``."""
+
+    def __init__(self, dataset: TensorSet, batch_size: int, seed: int,
+                 device: torch.device | str | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if len(dataset) == 0:
+            raise ValueError("cannot stream batches from an empty dataset")
+        self.device = torch.device(device) if device is not None else dataset.device
+        self.dataset = dataset if dataset.device == self.device else dataset.to(self.device)
+        self.batch_size = int(batch_size)
+        self.generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        labels = dataset.labels.cpu()
+        self._order = torch.argsort(labels, stable=True)  # indices grouped by class
+        classes, counts = torch.unique(labels, return_counts=True)
+        self._counts = counts
+        self._starts = torch.cumsum(counts, 0) - counts
+        self.classes = classes
+
+    def next(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(images uint8 (B, C, H, W), labels (B,), indices (B,)) on the stream's device."""
+        b = self.batch_size
+        cls = torch.randint(len(self.classes), (b,), generator=self.generator)
+        within = (torch.rand(b, generator=self.generator) * self._counts[cls]).long()
+        within = torch.minimum(within, self._counts[cls] - 1)
+        idx = self._order[self._starts[cls] + within].to(self.device)
+        return self.dataset.images[idx], self.dataset.labels[idx], idx
+
+    def __next__(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Same as next()."""
+        return self.next()
+
+    def __iter__(self) -> ClassBalancedStream:
+        """The stream is its own endless iterator."""
+        return self
+
+    def state_dict(self) -> dict:
+        """The generator (the whole state of i.i.d. draws)."""
+        return {"sampling": "class_balanced", "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state_dict(); a shuffling stream's state does not fit."""
+        if state.get("sampling") != "class_balanced":
+            raise ValueError("saved stream is not class-balanced")
+        self.generator.set_state(torch.as_tensor(state["generator"]).cpu())
+
+
+SAMPLINGS = {"shuffle": BatchStream, "class_balanced": ClassBalancedStream}
+
+
+def make_stream(dataset: TensorSet, batch_size: int, seed: int,
+                device: torch.device | str | None = None, sampling: str = "shuffle"):
+    """A batch stream of the named sampling: "shuffle" (epochs) or "class_balanced"."""
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"labeled sampling must be one of {sorted(SAMPLINGS)}, got {sampling!r}")
+    return SAMPLINGS[sampling](dataset, batch_size, seed, device)

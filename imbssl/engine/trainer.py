@@ -43,7 +43,7 @@ from torch import Tensor
 
 from imbssl.algorithms import Batch, StepState, get_algorithm
 from imbssl.data import DataError, DatasetConfig, build_data
-from imbssl.data.device_loader import BatchStream
+from imbssl.data.device_loader import TensorSet, make_stream
 from imbssl.diagnostics.logfile import RunLog
 from imbssl.diagnostics.loggers import check_logger, open_run_log
 from imbssl.diagnostics.metrics import (
@@ -58,6 +58,7 @@ from imbssl.engine import distributed as ddp
 from imbssl.engine.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
+    load_checkpoint,
     newest_loadable,
     remove_partial,
     save_checkpoint,
@@ -227,10 +228,7 @@ class Trainer:
     def _build_network(self, algo_cls, algo_cfg, pseudo_cfg) -> None:
         """Model (+ the algorithm's heads), EMA copy, algorithm with its refiner, optimizer."""
         k = self.data.num_classes
-        model = build_model(self.mcfg.name, k, self.data.image_shape[0], norm=self.mcfg.norm,
-                            bn_momentum=self.mcfg.bn_momentum,
-                            wrn_residual=self.mcfg.wrn_residual)
-        model.heads.update(algo_cls.make_heads(algo_cfg, model.feat_dim, k))
+        model = self._new_model(algo_cls, algo_cfg)
         if self.tcfg.sync_bn and self.world > 1:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(self.device)
@@ -248,18 +246,57 @@ class Trainer:
         except ValueError as exc:  # constructors validate their config values
             raise UserError(f"algorithm={algo_cfg.name} pseudo="
                             f"{getattr(pseudo_cfg, 'name', 'none')}: {exc}") from None
+        if self.algo.init_from:
+            self._load_init_weights(self.algo.init_from)
+        self.algo.configure_network(self.model)
         self.optimizer = build_optimizer(self.model, self.ocfg, self.device)
         self.grad_sync = ddp.GradientAllReduce(self.model)
         self.forward_model = (torch.compile(self.model) if self.tcfg.compile or self.mcfg.compile
                               else self.model)
+
+    def _new_model(self, algo_cls=None, algo_cfg=None):
+        """A freshly initialised network with the algorithm's heads (global RNG), on the CPU."""
+        algo_cls = algo_cls or type(self.algo)
+        algo_cfg = algo_cfg if algo_cfg is not None else self.algo.cfg
+        model = build_model(self.mcfg.name, self.data.num_classes, self.data.image_shape[0],
+                            norm=self.mcfg.norm, bn_momentum=self.mcfg.bn_momentum,
+                            wrn_residual=self.mcfg.wrn_residual)
+        model.heads.update(algo_cls.make_heads(algo_cfg, model.feat_dim, self.data.num_classes))
+        return model
+
+    def _load_init_weights(self, source: str) -> None:
+        """The network and EMA weights of ``source`` (a checkpoint file, or a run folder:
+        its newest good checkpoint), as the algorithm's ``load_init_weights`` takes them."""
+        path = Path(source).expanduser()
+        if path.is_dir():
+            ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+            if latest_checkpoint(ckpt_dir) is None:
+                raise UserError(f"init_from={source}: no checkpoint in {ckpt_dir}; pass a run "
+                                "folder or RUN/checkpoints/ckpt_<step>.pt")
+            path, state, _ = newest_loadable(ckpt_dir, "cpu")
+        elif path.is_file():
+            state = load_checkpoint(path)
+        else:
+            raise UserError(f"init_from={source} does not exist; pass a run folder or "
+                            "RUN/checkpoints/ckpt_<step>.pt")
+        check_compatible(state, self.data.num_classes, self.mcfg.name, None, self.mcfg.norm)
+        try:
+            self.algo.load_init_weights(self.model, self.ema.model, state)
+        except (RuntimeError, KeyError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"init_from={path}: its weights do not fit the configured network "
+                            f"({first[:200]})") from None
 
     def _build_streams(self, uratio: int, seed: int) -> None:
         """Seeded labeled/unlabeled batch streams and the augmentation generator. Every process
         gets the same ones: each draws the global batch and keeps its share
         (see imbssl/engine/distributed.py)."""
         bs = self.tcfg.batch_size
-        self.labeled_stream = BatchStream(self.data.labeled, bs, seed * 1000 + 1, self.device)
-        self.unlabeled_stream = BatchStream(self.data.unlabeled, bs * uratio, seed * 1000 + 2,
+        self.initial_labeled = self.data.labeled
+        self.labeled_added: dict[str, Tensor] | None = None  # a LabeledSetUpdate's additions
+        self.labeled_stream = make_stream(self.data.labeled, bs, seed * 1000 + 1, self.device,
+                                          self.algo.labeled_sampling)
+        self.unlabeled_stream = make_stream(self.data.unlabeled, bs * uratio, seed * 1000 + 2,
                                             self.device)
         self.aug_gen = torch.Generator(device=self.device)
         self.aug_gen.manual_seed(seed * 1000 + 3)
@@ -309,8 +346,9 @@ class Trainer:
 
     def train_step(self) -> None:
         step = self.step_count
+        phase_step, phase_total = self.algo.phase(step, self.tcfg.iterations)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.ocfg.lr * lr_factor(step, self.tcfg.iterations,
+            group["lr"] = self.ocfg.lr * lr_factor(phase_step, phase_total,
                                                    self.ocfg.schedule, self.ocfg.warmup_iters)
         batch, y_ulb = self.next_batch()
         state = StepState(step, self.tcfg.iterations, self.forward_model, self.ema.model)
@@ -323,7 +361,7 @@ class Trainer:
         self.scaler.update()
         if self.world > 1 and not self.tcfg.sync_bn:
             ddp.broadcast_buffers(self.model)
-        self.ema.update(self.model, step)
+        self.ema.update(self.model, phase_step)
         if self.world > 1 and self.ema.model.training:  # its own forward moved its BN stats
             ddp.broadcast_buffers(self.ema.model)
         self._accumulate(loss, logs, y_ulb)
@@ -563,8 +601,78 @@ class Trainer:
                                       if k.startswith("loss/")}, refresh=False)
         if at(t.eval_interval):
             self._evaluate_or_note()
+        if self.algo.labeled_update_due(step, t.iterations):  # after evaluating, as CReST
+            self.update_labeled_set()
         if at(t.checkpoint_interval):
             self.save()
+
+    # ----------------------------------------------------------------- labeled-set updates
+    @torch.no_grad()
+    def unlabeled_probs(self) -> Tensor:
+        """(N_u, K) softmax of the EMA model's ``eval_logits`` on the unaugmented unlabeled
+        set (eval mode; every process computes all of it, so all agree)."""
+        model, images = self.ema.model, self.data.unlabeled.images
+        was_training = model.training
+        model.eval()
+        out = []
+        for start in range(0, len(images), self.tcfg.eval_batch_size):
+            x = self._prepare(self.data.augmenter.normalize(
+                images[start:start + self.tcfg.eval_batch_size]))
+            with self.autocast():
+                logits = self.algo.eval_logits(model(x))
+            out.append(torch.softmax(logits.float(), dim=-1))
+        model.train(was_training)
+        return torch.cat(out)
+
+    def update_labeled_set(self) -> None:
+        """Ask the algorithm for its new labeled set, switch the labeled stream to it (and
+        restart network, EMA and optimizer if asked); log the additions per class."""
+        update = self.algo.update_labeled_set(self.unlabeled_probs(), self.step_count,
+                                              self.tcfg.iterations)
+        self._set_labeled_added(update.indices, update.labels)
+        stream = self.labeled_stream
+        seed = int(torch.randint(2**62, (1,), generator=stream.generator))
+        self.labeled_stream = make_stream(self.data.labeled, stream.batch_size, seed,
+                                          self.device, self.algo.labeled_sampling)
+        if update.restart:
+            self._restart_network()
+        self._log_labeled_update(update)
+
+    def _set_labeled_added(self, indices: Tensor, labels: Tensor) -> None:
+        """``data.labeled`` := the initial labeled set + unlabeled ``indices`` as ``labels``."""
+        indices = indices.long().to(self.device)
+        labels = labels.long().to(self.device)
+        self.labeled_added = {"indices": indices.cpu(), "labels": labels.cpu()}
+        init, unl = self.initial_labeled, self.data.unlabeled
+        self.data.labeled = TensorSet(torch.cat([init.images, unl.images[indices]]),
+                                      torch.cat([init.labels, labels]))
+
+    def _restart_network(self) -> None:
+        """Fresh weights (global RNG), EMA = the fresh network, empty optimizer state."""
+        fresh = self._new_model()
+        self.model.load_state_dict(fresh.state_dict())
+        self.ema.model.load_state_dict(self.model.state_dict())
+        self.optimizer.state.clear()
+        self.algo.configure_network(self.model)
+
+    def _log_labeled_update(self, update) -> None:
+        """metrics.jsonl: how many were added; per_class.csv (source ``labeled_set``): the
+        added images' pseudo-labels against their true classes; labeled_added_<step>.npy:
+        that K x K matrix (rows: true class, columns: pseudo-label)."""
+        if self.log is None:
+            return
+        k = self.data.num_classes
+        true = self.data.unlabeled.labels[update.indices.to(self.device)].cpu()
+        known = true >= 0  # STL-10's unlabeled images have no label
+        conf = torch.bincount(true[known] * k + update.labels.cpu()[known],
+                              minlength=k * k).view(k, k).numpy()
+        self._append_metrics({"step": self.step_count, "split": "labeled_set",
+                              "added": len(update.indices), "labeled": len(self.data.labeled),
+                              "restart": int(update.restart)})
+        self.log.append_per_class(per_class_rows(self.step_count, "labeled_set", "added", "all",
+                                                 confusion_to_metrics(conf),
+                                                 self.data.class_names))
+        self.log.write_confusion(conf, f"labeled_added_{self.step_count:08d}.npy")
 
     # ----------------------------------------------------------------- evaluation
     def _measure(self, split: str, tset) -> dict:
@@ -709,6 +817,7 @@ class Trainer:
             "algorithm": self.algo.state_dict(),
             "algorithm_buffers": dict(self._algorithm_extra_buffers()),
             "labeled_stream": self.labeled_stream.state_dict(),
+            "labeled_added": self.labeled_added,
             "unlabeled_stream": self.unlabeled_stream.state_dict(),
             "aug_generator": self.aug_gen.get_state(),
             "rng": rng_state(),
@@ -764,6 +873,8 @@ class Trainer:
         part("algorithm state", lambda: self.algo.load_state_dict(state["algorithm"]))
         part("algorithm buffers", lambda: self._load_extra_buffers(
             state.get("algorithm_buffers", {})))
+        part("labeled-set additions", lambda: self._load_labeled_added(
+            state.get("labeled_added")))
         part("labeled stream", lambda: self.labeled_stream.load_state_dict(
             state["labeled_stream"]))
         part("unlabeled stream", lambda: self.unlabeled_stream.load_state_dict(
@@ -781,6 +892,14 @@ class Trainer:
             self._acc[tuple(keys)] = _Accumulator(total.to(self.device), int(count),
                                                   first_bad.to(self.device))
         self.step_count = self._saved_step = int(state["step"])
+
+    def _load_labeled_added(self, added: dict | None) -> None:
+        """Rebuild the labeled set (and a stream over it) from a checkpoint's additions."""
+        if added is None:
+            return
+        self._set_labeled_added(added["indices"], added["labels"])
+        self.labeled_stream = make_stream(self.data.labeled, self.labeled_stream.batch_size, 0,
+                                          self.device, self.algo.labeled_sampling)
 
     def _load_extra_buffers(self, saved: dict) -> None:
         own = self._algorithm_extra_buffers()
