@@ -1,0 +1,86 @@
+"""Logit adjustment (Menon et al., ICLR 2021) for every algorithm: the labeled loss on
+``f(x) + tau log pi`` and post-hoc ``f(x) - tau log pi`` at evaluation."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from imbssl.algorithms import StepState, get_algorithm
+from imbssl.algorithms.base import logit_adjustment
+from imbssl.errors import UserError
+
+from .conftest import BATCH, make_batch, make_setup
+
+ALGORITHMS = ("supervised", "fixmatch", "mixmatch", "remixmatch", "simmatch")
+
+
+def build(mode: str, tau: float = 1.0, labels=(0, 0, 1, 2), name: str = "fixmatch"):
+    cls = get_algorithm(name)
+    cfg = cls.Config(logit_adjust=mode, la_tau=tau)
+    return cls(cfg, 3, 16, torch.tensor(labels))
+
+
+def test_loss_mode_adds_tau_log_prior_hand_computed():
+    algo = build("loss", tau=2.0)  # pi = (2/4, 1/4, 1/4)
+    logits = torch.tensor([[1.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    want = logits + 2.0 * torch.tensor([math.log(0.5), math.log(0.25), math.log(0.25)])
+    assert torch.allclose(algo.labeled_logits(logits), want)
+    # the loss it trains on: CE of row 0 with label 0 = -log softmax(1 + 2 log .5, -2 log 4...)
+    z = want[0]
+    ce = -(z[0] - torch.logsumexp(z, 0))
+    assert torch.isclose(F.cross_entropy(algo.labeled_logits(logits)[:1], torch.tensor([0])), ce)
+    # evaluation is untouched in loss mode
+    assert torch.equal(algo.eval_logits(SimpleNamespace(logits=logits)), logits)
+
+
+def test_posthoc_mode_subtracts_it_at_evaluation_only():
+    algo = build("posthoc", tau=1.0)
+    logits = torch.tensor([[0.2, 0.0, 0.0]])
+    adjusted = algo.eval_logits(SimpleNamespace(logits=logits))
+    assert torch.allclose(adjusted, logits - torch.log(torch.tensor([0.5, 0.25, 0.25])))
+    # head class wins raw (0.2 > 0), a tail class wins after adjustment (0.2 - log .5 < -log .25)
+    assert int(logits.argmax()) == 0 and int(adjusted.argmax()) == 1
+    assert torch.equal(algo.labeled_logits(logits), logits)
+
+
+def test_none_changes_nothing_and_offset_formula():
+    algo = build("none")
+    logits = torch.randn(4, 3)
+    assert torch.equal(algo.labeled_logits(logits), logits)
+    assert torch.equal(algo.eval_logits(SimpleNamespace(logits=logits)), logits)
+    prior = torch.tensor([0.7, 0.2, 0.1])
+    assert torch.allclose(logit_adjustment(prior, 0.5), 0.5 * prior.log())
+
+
+@pytest.mark.parametrize("bad", [{"mode": "train"}, {"mode": "loss", "tau": -1.0},
+                                 {"mode": "loss", "labels": (0, 0, 1)}])
+def test_bad_la_config_is_a_user_error(bad):
+    with pytest.raises(UserError, match="logit_adjust|la_tau"):
+        build(bad["mode"], bad.get("tau", 1.0), bad.get("labels", (0, 0, 1, 2)))
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_every_algorithm_trains_its_labeled_loss_on_adjusted_logits(name):
+    algo, model, ema, _, labels = make_setup(name, logit_adjust="loss", la_tau=1.5)
+    seen = []
+    original = algo.labeled_logits
+
+    def spy(logits):
+        out = original(logits)
+        seen.append((logits.detach(), out.detach()))
+        return out
+
+    algo.labeled_logits = spy
+    batch = make_batch(algo, labels)
+    loss, logs = algo.step(batch, StepState(0, 10, model, ema.model))
+    assert torch.isfinite(loss)
+    assert len(seen) == 1  # one labeled loss per step, on the labeled rows only
+    raw, adjusted = seen[0]
+    assert raw.shape == (BATCH, 3)
+    assert torch.allclose(adjusted - raw.float(), (1.5 * algo.labeled_prior.log()).expand_as(raw))
+    if name in ("supervised", "fixmatch", "simmatch"):  # hard labels: CE of the adjusted logits
+        assert torch.isclose(logs["loss/labeled"], F.cross_entropy(adjusted, batch.y_lb))
