@@ -152,12 +152,19 @@ class Algorithm(nn.Module):
     def feed_refiner(self, batch: Batch, state: StepState,
                      ema_features: Tensor | None = None) -> None:
         """Give the refiner the EMA model's features of the labeled batch (DASO's queues);
-        pass ``ema_features`` when the algorithm has computed them already."""
+        pass ``ema_features`` when the algorithm has computed them already. First tells the
+        refiner the step's batch and state (``begin_step``: DARP's unlabeled indices)."""
+        self.refiner.begin_step(batch, state)
         if self.refiner.needs_labeled_features:
             if ema_features is None:
                 with torch.no_grad():
                     ema_features = state.ema_model(batch.x_lb).features
             self.refiner.update_labeled(ema_features.float(), batch.y_lb)
+
+    def observe_validation(self, confusion: Tensor) -> None:
+        """The trainer's (true, predicted) counts on the validation set after each
+        evaluation; passed to the refiner (DARP's estimate of the unlabeled distribution)."""
+        self.refiner.observe_validation(confusion)
 
     def probe_ctaugment(self, batch: Batch, state: StepState) -> dict[str, Tensor]:
         """With CTAugment (``self.ctaugment``): score labeled probes with the EMA model (one

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from imbssl.errors import UnknownNameError
 from imbssl.pseudo.base import IdentityRefiner
+from imbssl.pseudo.darp import DARP, DARPConfig
 from imbssl.pseudo.daso import DASO, DASOConfig
 from imbssl.pseudo.features import FeatureTap
 
@@ -18,6 +19,7 @@ class NoRefinerConfig:
 
 #: refiner name -> config schema (``pseudo/<name>_schema`` in Hydra's ConfigStore)
 REFINER_CONFIGS: dict[str, type] = {"none": NoRefinerConfig, "daso": DASOConfig}
+REFINER_CONFIGS["darp"] = DARPConfig
 
 
 def refiner_config(name: str) -> type:
@@ -28,14 +30,19 @@ def refiner_config(name: str) -> type:
     return REFINER_CONFIGS[name]
 
 
-def build_refiner(cfg, num_classes: int, feat_dim: int):
-    """The refiner named by ``cfg.name`` (``none`` or ``daso``)."""
+def build_refiner(cfg, num_classes: int, feat_dim: int, *, num_unlabeled: int = 0,
+                  labeled_counts=None):
+    """The refiner named by ``cfg.name``; ``num_unlabeled`` and ``labeled_counts``: the
+    unlabeled set's size and the labeled class counts (refiners with per-image state)."""
     name = getattr(cfg, "name", "none") if cfg is not None else "none"
     refiner_config(name)
     if name == "daso":
         return DASO.from_config(cfg, num_classes, feat_dim)
+    if name == "darp":
+        return DARP.from_config(cfg, num_classes, num_unlabeled,
+                                labeled_counts if labeled_counts is not None else [1] * num_classes)
     return IdentityRefiner()
 
 
-__all__ = ["DASO", "REFINER_CONFIGS", "DASOConfig", "FeatureTap", "IdentityRefiner",
+__all__ = ["DARP", "DARPConfig", "DASO", "REFINER_CONFIGS", "DASOConfig", "FeatureTap", "IdentityRefiner",
            "NoRefinerConfig", "build_refiner", "refiner_config"]
