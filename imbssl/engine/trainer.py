@@ -242,7 +242,8 @@ class Trainer:
         try:
             refiner = build_refiner(pseudo_cfg, k, self.model.feat_dim,
                                     num_unlabeled=len(self.data.unlabeled.labels),
-                                    labeled_counts=self.data.labeled_counts)
+                                    labeled_counts=self.data.labeled_counts,
+                                    has_validation=self.data.valid is not None)
             self.algo = algo_cls(algo_cfg, k, self.model.feat_dim, self.data.labeled.labels,
                                  refiner=refiner).to(self.device)
         except UserError:

@@ -84,3 +84,18 @@ def test_every_algorithm_trains_its_labeled_loss_on_adjusted_logits(name):
     assert torch.allclose(adjusted - raw.float(), (1.5 * algo.labeled_prior.log()).expand_as(raw))
     if name in ("supervised", "fixmatch", "simmatch"):  # hard labels: CE of the adjusted logits
         assert torch.isclose(logs["loss/labeled"], F.cross_entropy(adjusted, batch.y_lb))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["algorithm=supervised", "pseudo=none", "algorithm.logit_adjust=loss"],  # Supervised w/ LA
+    ["algorithm=supervised", "pseudo=none", "algorithm.logit_adjust=posthoc"],
+    ["algorithm=fixmatch", "pseudo=none", "algorithm.logit_adjust=loss"],  # FixMatch + LA
+    ["algorithm=fixmatch", "pseudo=daso_quick", "pseudo.warmup_iters=1",  # FixMatch + LA w/ DASO
+     "algorithm.logit_adjust=loss"],
+    ["algorithm=remixmatch", "pseudo=none", "algorithm.logit_adjust=loss", "algorithm.la_tau=2"],
+], ids=["supervised_la", "supervised_posthoc", "fixmatch_la", "fixmatch_la_daso",
+        "remixmatch_la_tau2"])
+def test_digits_runs_with_la(tmp_path, overrides):
+    from .tiny_runs import tiny_run
+
+    tiny_run(tmp_path / "run", *overrides)

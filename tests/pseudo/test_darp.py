@@ -2,7 +2,9 @@
 within the solver's tolerance and keep each row a distribution; the refiner's schedule."""
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -128,3 +130,29 @@ def test_bad_target_is_a_value_error():
     with pytest.raises(ValueError, match="target"):
         DARP(3, 6, [1, 1, 1], target="oracle")
     assert math.isclose(DARPConfig().warmup_ratio, 0.4)
+
+
+def _tiny_runs():
+    """tests/algorithms/tiny_runs.py (the shared tiny digits-LT run)."""
+    path = Path(__file__).resolve().parents[1] / "algorithms" / "tiny_runs.py"
+    spec = importlib.util.spec_from_file_location("tiny_runs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("overrides", [
+    ["algorithm=fixmatch", "pseudo=darp"],  # FixMatch w/ DARP
+    ["algorithm=mixmatch", "pseudo=darp"],
+    ["algorithm=remixmatch", "pseudo=darp"],
+    ["algorithm=fixmatch", "pseudo=darp_estim", "dataset.num_valid_per_class=5",
+     "dataset.gamma_u=1"],  # mismatched: the estimated target
+], ids=["fixmatch_darp", "mixmatch_darp", "remixmatch_darp", "fixmatch_darp_estim"])
+def test_digits_runs_with_darp(tmp_path, overrides):
+    _tiny_runs().tiny_run(tmp_path / "run", *overrides, "pseudo.warmup_ratio=0.25", "pseudo.per_iters=1")
+
+
+def test_estimate_without_validation_set_is_a_user_error(tmp_path):
+    from imbssl.cli import main
+
+    assert main(["train", *_tiny_runs().TINY, f"run_dir={tmp_path / 'r'}", "pseudo=darp_estim"]) == 2
