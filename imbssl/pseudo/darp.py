@@ -48,7 +48,8 @@ Differences (docs/experiments.md, "DARP"):
 * the first refinement runs at the first step after warm-up (the official code waits for
   the next multiple of ``PER_ITERS`` and meanwhile returns its initial uniform rows).
 * everything runs in torch on the training device (float64 for the solver), and all
-  state is in buffers, so a checkpoint resumes exactly.
+  state is in buffers (the schedule follows the step number), so a checkpoint resumes
+  exactly.
 """
 from __future__ import annotations
 
@@ -174,10 +175,9 @@ class DARP(IdentityRefiner):
         self.register_buffer("seen", torch.zeros(n, dtype=torch.bool))
         self.register_buffer("estimate_sum", torch.zeros(k, dtype=torch.float64))
         self.register_buffer("estimate_count", torch.zeros((), dtype=torch.long))
-        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
-        self.register_buffer("last_solve", torch.full((), -1, dtype=torch.long))
-        self._indices: Tensor | None = None  # this step's unlabeled indices (begin_step)
-        self._total_steps = 0
+        # this step's unlabeled indices, 0-based step and the run's length (begin_step)
+        self._indices: Tensor | None = None
+        self._step, self._total_steps = 0, 0
 
     @classmethod
     def from_config(cls, cfg: Any, num_classes: int, num_unlabeled: int,
@@ -188,8 +188,9 @@ class DARP(IdentityRefiner):
 
     # ------------------------------------------------------------------ engine hooks
     def begin_step(self, batch, state) -> None:
-        """Engine hook: this step's unlabeled image indices and the run's length."""
-        self._indices, self._total_steps = batch.idx_ulb, int(state.total_steps)
+        """Engine hook: this step's unlabeled image indices, step and the run's length."""
+        self._indices = batch.idx_ulb
+        self._step, self._total_steps = int(state.step), int(state.total_steps)
 
     def observe_validation(self, confusion: Tensor) -> None:
         """``target=estimate``: one more estimate of the unlabeled class counts from this
@@ -210,24 +211,29 @@ class DARP(IdentityRefiner):
             return self.estimate_sum / self.estimate_count
         return self.base_target
 
-    def active(self, total_steps: int) -> bool:
-        """Past the warm-up: ``steps > int(total_steps * warmup_ratio)`` (official)."""
-        return int(self.num_steps) > int(total_steps * self.warmup_ratio)
+    def warmup_steps(self, total_steps: int) -> int:
+        """Steps without refinement: ``int(total_steps * warmup_ratio)`` (official)."""
+        return int(total_steps * self.warmup_ratio)
+
+    def solves_at(self, step: int, total_steps: int) -> bool:
+        """Whether 0-based ``step`` re-solves: the first step after the warm-up and every
+        ``per_iters`` steps after it (official counter ``steps = step + 1``)."""
+        after = step + 1 - self.warmup_steps(total_steps)
+        return after >= 1 and (after - 1) % self.per_iters == 0
 
     @torch.no_grad()
-    def refine_indexed(self, probs: Tensor, indices: Tensor, total_steps: int) -> Tensor:
+    def refine_indexed(self, probs: Tensor, indices: Tensor, step: int,
+                       total_steps: int) -> Tensor:
         """Store ``probs`` at ``indices``; after warm-up return the refined rows of these
-        images (re-solved every ``per_iters`` steps), before it ``probs`` itself."""
-        self.num_steps += 1
+        images (re-solved every ``per_iters`` steps), before it ``probs`` itself. The
+        schedule follows the step number, so no counter syncs the host."""
         idx = all_gather_cat(indices).to(self.pseudo_orig.device).long()
         self.pseudo_orig.index_copy_(0, idx, all_gather_cat(probs.float()))
         self.seen.index_fill_(0, idx, True)
-        if not self.active(total_steps):
+        if step + 1 <= self.warmup_steps(total_steps):
             return probs
-        step = int(self.num_steps)
-        if int(self.last_solve) < 0 or step - int(self.last_solve) >= self.per_iters:
+        if self.solves_at(step, total_steps):
             self.solve()
-            self.last_solve.fill_(step)
         return self.pseudo_refine[indices.to(self.pseudo_refine.device).long()].to(probs)
 
     @torch.no_grad()
@@ -242,6 +248,6 @@ class DARP(IdentityRefiner):
         if self._indices is None:
             raise RuntimeError("DARP needs the unlabeled indices: the algorithm must call "
                                "feed_refiner(batch, state) before refine")
-        out = self.refine_indexed(probs, self._indices, self._total_steps)
+        out = self.refine_indexed(probs, self._indices, self._step, self._total_steps)
         self._indices = None
         return out

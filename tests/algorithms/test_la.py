@@ -99,3 +99,62 @@ def test_digits_runs_with_la(tmp_path, overrides):
     from .tiny_runs import tiny_run
 
     tiny_run(tmp_path / "run", *overrides)
+
+
+# ----------------------------------------------------------------------------- experiment files
+
+def comparators_generator():
+    """configs/experiment/_generate_comparators_a.py as a module."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from imbssl.cli import CONFIG_DIR
+
+    path = Path(CONFIG_DIR) / "experiment" / "_generate_comparators_a.py"
+    spec = importlib.util.spec_from_file_location("comparators_a_generate", path)
+    gen = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = gen
+    try:
+        spec.loader.exec_module(gen)
+    finally:
+        del sys.modules[spec.name]
+    return gen
+
+
+def test_comparator_rows_are_generated_and_say_what_their_names_say():
+    from imbssl.cli import compose
+
+    gen = comparators_generator()
+    assert gen.main(["--check"]) == 0, "run: python configs/experiment/_generate_comparators_a.py"
+    names = set(gen.rows())
+    table1 = [f"cifar10_lt_g{g}_n{n}" for g in (100, 150) for n in (500, 1500)]
+    table1 += [f"cifar100_lt_g10_n{n}" for n in (50, 150)]
+    table2 = [f"cifar10_lt_g100_n{n}_{m}" for n in (500, 1500) for m in ("uniform", "reversed")]
+    table2 += [f"stl10_lt_g{g}_n{n}" for g in (10, 20) for n in (150, 450)]
+    want = {f"{s}_{r}" for s in table1 for r in (
+        "supervised", "supervised_la", "fixmatch_darp", "fixmatch_la", "fixmatch_la_darp",
+        "fixmatch_la_daso", "remixmatch_darp", "meanteacher", "pseudolabel")}
+    want |= {f"{s}_{r}" for s in table2 for r in ("fixmatch_darp", "remixmatch_darp")}
+    assert names == want
+    for name in sorted(names):
+        cfg = compose([f"experiment={name}"])
+        a, p = cfg.algorithm, cfg.pseudo
+        assert cfg.experiment_name == name and cfg.model.name == "wrn28_2"
+        assert cfg.trainer.iterations == 250000
+        assert f"_{a.name}" in name
+        assert (a.logit_adjust == "loss") == ("_la" in name)
+        assert a.la_tau == 1.0
+        if name.endswith("_darp"):
+            assert p.name == "darp" and p.warmup_ratio == 0.4 and p.per_iters == 10
+            assert p.target == ("estimate" if any(t in name for t in table2) else "labeled")
+        elif name.endswith("_daso"):
+            assert p.name == "daso"
+        else:
+            assert p.name == "none"
+        if a.name in ("meanteacher", "pseudolabel"):
+            assert a.uratio == 1
+        if a.name == "meanteacher":
+            assert (a.lambda_u, a.rampup_ratio) == (50.0, 0.4)
+        if a.name == "pseudolabel":
+            assert (a.threshold, a.lambda_u) == (0.95, 1.0)

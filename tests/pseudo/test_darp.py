@@ -86,8 +86,8 @@ def batch(idx):
     return SimpleNamespace(idx_ulb=torch.as_tensor(idx))
 
 
-def state(total):
-    return SimpleNamespace(total_steps=total)
+def state(step, total):
+    return SimpleNamespace(step=step, total_steps=total)
 
 
 def test_refiner_schedule_warmup_then_refines_every_per_iters():
@@ -95,17 +95,18 @@ def test_refiner_schedule_warmup_then_refines_every_per_iters():
     darp = DARP(3, 6, [2, 2, 2], warmup_ratio=0.5, per_iters=2)
     solves = []
     original = darp.solve
-    darp.solve = lambda: (solves.append(int(darp.num_steps)), original())[1]
+    darp.solve = lambda: (solves.append(darp._step + 1), original())[1]
     for step in range(8):
-        darp.begin_step(batch([0, 1, 2, 3, 4, 5]), state(8))
+        darp.begin_step(batch([0, 1, 2, 3, 4, 5]), state(step, 8))
         out = darp.refine(probs, torch.zeros(6, 4), step)
         if step < 4:  # steps 1..4 <= int(8 * 0.5): warm-up, the input comes back
             assert out is probs
         else:
             assert torch.allclose(out.sum(0), torch.tensor([2.0, 2.0, 2.0]), atol=NEWTON_TOL)
-    assert solves == [5, 7]
+    assert solves == [5, 7]  # official counter (step + 1): first after warm-up, every 2
+    assert [s for s in range(20) if darp.solves_at(s, 20)] == [10, 12, 14, 16, 18]
     # per-image state: a subset of the images reads its stored refined rows
-    darp.begin_step(batch([5, 0]), state(8))
+    darp.begin_step(batch([5, 0]), state(8, 8))
     out = darp.refine(probs[[5, 0]], torch.zeros(2, 4), 8)
     assert torch.allclose(out, darp.pseudo_refine[[5, 0]])
 

@@ -31,6 +31,11 @@ CASES = {
     # labeled bank + distribution alignment over a 3-batch window
     "simmatch": ["algorithm=simmatch", "pseudo=none", "algorithm.dist_align_window=3",
                  "algorithm.threshold=0.5"],
+    # LA loss + DARP: per-image pseudo-labels stored and re-solved every 3 steps from step 5
+    "fixmatch_la_darp": ["algorithm=fixmatch", "pseudo=darp", "algorithm.logit_adjust=loss",
+                         "pseudo.warmup_ratio=0.2", "pseudo.per_iters=3", "algorithm.threshold=0.5"],
+    "meanteacher": ["algorithm=meanteacher", "pseudo=none", "algorithm.logit_adjust=posthoc"],
+    "pseudolabel": ["algorithm=pseudolabel", "pseudo=none", "algorithm.threshold=0.5"],
 }
 FILES = ("metrics.jsonl", "per_class.csv", "summary.json", "confusion_test.npy")
 
@@ -122,7 +127,10 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(runs, rel, name):
         assert not torch.allclose(algo["refiner.m_hat"], torch.full((10,), 0.1))
         assert any(r.get("loss/daso_align") for r in map(json.loads,
                    (run / "metrics.jsonl").read_text().splitlines()))
-    else:
+    elif name == "fixmatch_la_darp":  # re-solved after the resume, every image stored
+        assert bool(algo["refiner.seen"].any())  # stored rows, solved at steps 5, 8, ..., 20
+        assert not torch.allclose(algo["refiner.pseudo_refine"], torch.full((1,), 0.1))
+    elif name == "simmatch":
         assert int(algo["dist_align.count"]) == ITERS
         assert 0 < int(algo["bank_filled"].sum()) < len(algo["bank_filled"]) or \
             bool(algo["bank_filled"].all())
