@@ -9,17 +9,27 @@ configs/*/{supervised,fixmatch,remixmatch,meanteacher,pseudolabel}.yaml, lib/con
 ``ALGORITHM.LOGIT_ADJUST`` / ``ALGORITHM.DARP``). Settings, protocol, recipe and the per-row
 values of the base algorithms come from configs/experiment/_generate.py (imported).
 
-Rows:
+Rows (paper tables, read from the paper's text; one file per printed row and setting):
 
-* Table 1 (CIFAR-10-LT gamma 100/150, CIFAR-100-LT gamma 10; gamma_l = gamma_u): Supervised,
-  Supervised w/ LA, FixMatch w/ DARP, FixMatch + LA, FixMatch + LA w/ DARP, FixMatch + LA w/
-  DASO, ReMixMatch w/ DARP, and the further baselines Mean Teacher and Pseudo-Label (official
-  configs for every dataset; "Table 1 setting"). LA is the train-time logit-adjusted loss with
-  tau 1 (official ``LOGIT_ADJUST.APPLY True``, ``TAU 1.0``). DARP's target: the labeled class
-  frequencies scaled to the unlabeled set (``pseudo=darp``; official: the unlabeled counts,
-  equal when gamma_l = gamma_u).
-* Table 2 (CIFAR-10-LT gamma_u = 1 / reversed; STL-10-LT): FixMatch w/ DARP and ReMixMatch w/
-  DARP with the estimated target (``pseudo=darp_estim``; official ``darp_estim/*.npyz``).
+* Table 1 (gamma_l = gamma_u; CIFAR-10-LT gamma 100/150 x N1 500/1500, CIFAR-100-LT gamma
+  10/20 x N1 50/150): Supervised, Supervised w/ LA, FixMatch w/ DARP, FixMatch + LA,
+  FixMatch + LA w/ DARP, FixMatch + LA w/ DASO.
+* Table 2 (CIFAR-10-LT gamma_u = 1 / reversed, STL-10-LT): FixMatch w/ DARP, with the
+  estimated target (``pseudo=darp_estim``; official ``darp_estim/*.npyz``).
+* Table 3: Mean Teacher and Mean Teacher w/ DASO (CIFAR-10-LT N1 1500 gamma_u 100 and 1,
+  CIFAR-100-LT N1 150, STL-10-LT N1 450, gamma_l 10).
+* Table 11 (Appendix D.1): Pseudo-Label (CIFAR-10-LT gamma 100, CIFAR-100-LT gamma 10,
+  STL-10-LT gamma_l 10; both N1 each), and the STL-10-LT Supervised / w/ LA rows.
+* Table 12 (Appendix D.2): FixMatch w/ LA and w/ LA + DASO on STL-10-LT.
+* Table 13 (Appendix D.3): ReMixMatch w/ DARP (CIFAR-10-LT N1 500, CIFAR-100-LT N1 50,
+  STL-10-LT N1 150).
+* Table 14 (Appendix D.4): FixMatch w/ LA (inf), the post-hoc adjustment
+  (``logit_adjust=posthoc``), alone and + DASO (CIFAR-10-LT N1 1500, CIFAR-100-LT N1 150).
+
+LA is tau 1 (official ``LOGIT_ADJUST.TAU 1.0``; Appendix C.3: the train-time loss unless
+"(inf)"). DARP's target with gamma_l = gamma_u: the labeled class frequencies scaled to the
+unlabeled set (``pseudo=darp``; official: the unlabeled counts, the same distribution).
+CIFAR-100-LT gamma 20 is not a setting of ``_generate.py``; it is defined here.
 
 Not reproduced: the official supervised baseline's schedule (lr 0.1, multi-step decay at
 200k/225k, 6250 warm-up iterations, configs/*/supervised.yaml); imbssl's optimizer has no
@@ -51,31 +61,62 @@ def _base():
 G = _base()
 LABELS = {"supervised": "Supervised", "fixmatch": "FixMatch", "remixmatch": "ReMixMatch",
           "meanteacher": "Mean Teacher", "pseudolabel": "Pseudo-Label"}
-# (algorithm, LA, refiner, in the printed table (False: "setting" row)) per table
-TABLE1_ROWS = [("supervised", False, "none", True), ("supervised", True, "none", True),
-               ("fixmatch", False, "darp", True), ("fixmatch", True, "none", True),
-               ("fixmatch", True, "darp", True), ("fixmatch", True, "daso", True),
-               ("remixmatch", False, "darp", True), ("meanteacher", False, "none", False),
-               ("pseudolabel", False, "none", False)]
-TABLE2_ROWS = [("fixmatch", False, "darp_estim", True), ("remixmatch", False, "darp_estim", True)]
+LA_TAGS = {"none": "", "loss": "_la", "posthoc": "_lainf"}
+LA_WORDS = {"none": "", "loss": " w/ LA", "posthoc": " w/ LA (inf)"}
+REFINER_TAGS = {"none": "", "darp": "_darp", "darp_estim": "_darp", "daso": "_daso"}
+REFINER_WORDS = {"darp": "DARP", "darp_estim": "DARP (estimated target)", "daso": "DASO"}
 
 
-def row_name(s, algo: str, la: bool, refiner: str) -> str:
-    tag = {"none": "", "darp": "_darp", "darp_estim": "_darp", "daso": "_daso"}[refiner]
-    return f"{s.name}_{algo}{'_la' if la else ''}{tag}"
+def _settings() -> dict[str, object]:
+    """{name: Setting}: _generate.py's settings plus CIFAR-100-LT gamma 20 (Table 1)."""
+    out = {s.name: s for s in G.settings()}
+    for n1, m1 in ((50, 400), (150, 300)):
+        s = G.Setting("cifar100_lt", "cifar100_lt", "Table 1", n1, m1, 20, 20)
+        out[s.name] = s
+    return out
 
 
-def label(algo: str, la: bool, refiner: str) -> str:
-    words = LABELS[algo] + (" + LA" if la and algo != "supervised" else "")
-    if algo == "supervised" and la:
-        words += " w/ LA"
+SETTINGS = _settings()
+C10 = [f"cifar10_lt_g{g}_n{n}" for g in (100, 150) for n in (500, 1500)]
+C100 = [f"cifar100_lt_g{g}_n{n}" for g in (10, 20) for n in (50, 150)]
+C10_MISMATCHED = [f"cifar10_lt_g100_n{n}_{m}" for n in (500, 1500) for m in ("uniform", "reversed")]
+STL = [f"stl10_lt_g{g}_n{n}" for g in (10, 20) for n in (150, 450)]
+# (table, settings, algorithm, logit_adjust, refiner)
+ROWS = [
+    *[("Table 1", C10 + C100, a, la, r) for a, la, r in (
+        ("supervised", "none", "none"), ("supervised", "loss", "none"),
+        ("fixmatch", "none", "darp"), ("fixmatch", "loss", "none"), ("fixmatch", "loss", "darp"),
+        ("fixmatch", "loss", "daso"))],
+    ("Table 2", C10_MISMATCHED + STL, "fixmatch", "none", "darp_estim"),
+    *[("Table 3", ["cifar10_lt_g100_n1500", "cifar10_lt_g100_n1500_uniform",
+                   "cifar100_lt_g10_n150", "stl10_lt_g10_n450"], "meanteacher", "none", r)
+      for r in ("none", "daso")],
+    ("Table 11", ["cifar10_lt_g100_n500", "cifar10_lt_g100_n1500", "cifar100_lt_g10_n50",
+                  "cifar100_lt_g10_n150", "stl10_lt_g10_n150", "stl10_lt_g10_n450"],
+     "pseudolabel", "none", "none"),
+    *[("Table 11", ["stl10_lt_g10_n150", "stl10_lt_g10_n450"], "supervised", la, "none")
+      for la in ("none", "loss")],
+    *[("Table 12", STL, "fixmatch", "loss", r) for r in ("none", "daso")],
+    ("Table 13", ["cifar10_lt_g100_n500", "cifar10_lt_g150_n500", "cifar100_lt_g10_n50",
+                  "cifar100_lt_g20_n50"], "remixmatch", "none", "darp"),
+    ("Table 13", ["stl10_lt_g10_n150", "stl10_lt_g20_n150"], "remixmatch", "none", "darp_estim"),
+    *[("Table 14", ["cifar10_lt_g100_n1500", "cifar10_lt_g150_n1500", "cifar100_lt_g10_n150",
+                    "cifar100_lt_g20_n150"], "fixmatch", "posthoc", r) for r in ("none", "daso")],
+]
+
+
+def row_name(s, algo: str, la: str, refiner: str) -> str:
+    return f"{s.name}_{algo}{LA_TAGS[la]}{REFINER_TAGS[refiner]}"
+
+
+def label(algo: str, la: str, refiner: str) -> str:
+    words = LABELS[algo] + LA_WORDS[la]
     if refiner != "none":
-        words += " w/ " + {"darp": "DARP", "darp_estim": "DARP (estimated target)",
-                           "daso": "DASO"}[refiner]
+        words += (" + " if la != "none" else " w/ ") + REFINER_WORDS[refiner]
     return words
 
 
-def algorithm_lines(s, algo: str, la: bool, refiner: str) -> list[str]:
+def algorithm_lines(s, algo: str, la: str, refiner: str) -> list[str]:
     if algo in ("fixmatch", "remixmatch"):
         values = G.algorithm_values(algo, refiner == "daso", s)
     elif algo == "supervised":
@@ -83,15 +124,16 @@ def algorithm_lines(s, algo: str, la: bool, refiner: str) -> list[str]:
     else:  # meanteacher / pseudolabel: configs/algorithm/<algo>.yaml (official defaults)
         values = {"uratio": 1}
     lines = [f"  {k}: {G._yaml_value(v)}" for k, v in values.items()]
-    if la:
-        lines += ["  logit_adjust: loss  # official ALGORITHM.LOGIT_ADJUST.APPLY True (train time)",
+    if la != "none":
+        where = "train time" if la == "loss" else "at inference: the paper's LA (inf)"
+        lines += [f"  logit_adjust: {la}  # official ALGORITHM.LOGIT_ADJUST ({where})",
                   "  la_tau: 1.0  # official ALGORITHM.LOGIT_ADJUST.TAU"]
     return ["algorithm:", *lines] if lines else []
 
 
-def render(s, algo: str, la: bool, refiner: str, printed: bool) -> tuple[str, str]:
+def render(table: str, s, algo: str, la: str, refiner: str) -> tuple[str, str]:
     name = row_name(s, algo, la, refiner)
-    where = f"{G.PAPER} {s.table}" + ("" if printed else " setting")
+    where = f"{G.PAPER} {table}"
     lines = [HEADER.rstrip("\n"), f"# {where}: {s.describe()}; {label(algo, la, refiner)}.",
              "defaults:", f"  - override /dataset: {s.dataset}", f"  - override /algorithm: {algo}",
              f"  - override /pseudo: {refiner}", "  - override /model: wrn28_2",
@@ -112,13 +154,13 @@ def render(s, algo: str, la: bool, refiner: str, printed: bool) -> tuple[str, st
 
 
 def rows() -> dict[str, str]:
-    """{file stem: YAML text} of every row."""
+    """{file stem: YAML text} of every row (a row printed in two tables is written once, under
+    the first)."""
     out = {}
-    for s in G.settings():
-        table = TABLE1_ROWS if s.table == "Table 1" else TABLE2_ROWS
-        for algo, la, refiner, printed in table:
-            name, text = render(s, algo, la, refiner, printed)
-            out[name] = text
+    for table, names, algo, la, refiner in ROWS:
+        for setting in names:
+            name, text = render(table, SETTINGS[setting], algo, la, refiner)
+            out.setdefault(name, text)
     return out
 
 

@@ -122,34 +122,56 @@ def comparators_generator():
     return gen
 
 
+def expected_comparator_rows() -> set[str]:
+    """The DASO paper's rows with LA, DARP, Mean Teacher or Pseudo-Label (Tables 1-3, 11-14)."""
+    c10 = [f"cifar10_lt_g{g}_n{n}" for g in (100, 150) for n in (500, 1500)]
+    c100 = [f"cifar100_lt_g{g}_n{n}" for g in (10, 20) for n in (50, 150)]
+    mismatched = [f"cifar10_lt_g100_n{n}_{m}" for n in (500, 1500) for m in ("uniform", "reversed")]
+    stl = [f"stl10_lt_g{g}_n{n}" for g in (10, 20) for n in (150, 450)]
+    rows = {f"{s}_{r}" for s in c10 + c100 for r in (  # Table 1
+        "supervised", "supervised_la", "fixmatch_darp", "fixmatch_la", "fixmatch_la_darp",
+        "fixmatch_la_daso")}
+    rows |= {f"{s}_fixmatch_darp" for s in mismatched + stl}  # Table 2
+    rows |= {f"{s}_meanteacher{d}" for d in ("", "_daso") for s in (  # Table 3
+        "cifar10_lt_g100_n1500", "cifar10_lt_g100_n1500_uniform", "cifar100_lt_g10_n150",
+        "stl10_lt_g10_n450")}
+    rows |= {f"{s}_pseudolabel" for s in (  # Table 11
+        "cifar10_lt_g100_n500", "cifar10_lt_g100_n1500", "cifar100_lt_g10_n50",
+        "cifar100_lt_g10_n150", "stl10_lt_g10_n150", "stl10_lt_g10_n450")}
+    rows |= {f"stl10_lt_g10_n{n}_supervised{la}" for n in (150, 450) for la in ("", "_la")}
+    rows |= {f"{s}_fixmatch_la{d}" for s in stl for d in ("", "_daso")}  # Table 12
+    rows |= {f"{s}_remixmatch_darp" for s in (  # Table 13
+        "cifar10_lt_g100_n500", "cifar10_lt_g150_n500", "cifar100_lt_g10_n50",
+        "cifar100_lt_g20_n50", "stl10_lt_g10_n150", "stl10_lt_g20_n150")}
+    rows |= {f"{s}_fixmatch_lainf{d}" for d in ("", "_daso") for s in (  # Table 14
+        "cifar10_lt_g100_n1500", "cifar10_lt_g150_n1500", "cifar100_lt_g10_n150",
+        "cifar100_lt_g20_n150")}
+    return rows
+
+
 def test_comparator_rows_are_generated_and_say_what_their_names_say():
     from imbssl.cli import compose
 
     gen = comparators_generator()
     assert gen.main(["--check"]) == 0, "run: python configs/experiment/_generate_comparators_a.py"
     names = set(gen.rows())
-    table1 = [f"cifar10_lt_g{g}_n{n}" for g in (100, 150) for n in (500, 1500)]
-    table1 += [f"cifar100_lt_g10_n{n}" for n in (50, 150)]
-    table2 = [f"cifar10_lt_g100_n{n}_{m}" for n in (500, 1500) for m in ("uniform", "reversed")]
-    table2 += [f"stl10_lt_g{g}_n{n}" for g in (10, 20) for n in (150, 450)]
-    want = {f"{s}_{r}" for s in table1 for r in (
-        "supervised", "supervised_la", "fixmatch_darp", "fixmatch_la", "fixmatch_la_darp",
-        "fixmatch_la_daso", "remixmatch_darp", "meanteacher", "pseudolabel")}
-    want |= {f"{s}_{r}" for s in table2 for r in ("fixmatch_darp", "remixmatch_darp")}
-    assert names == want
+    assert names == expected_comparator_rows()
     for name in sorted(names):
         cfg = compose([f"experiment={name}"])
-        a, p = cfg.algorithm, cfg.pseudo
+        a, p, d = cfg.algorithm, cfg.pseudo, cfg.dataset
         assert cfg.experiment_name == name and cfg.model.name == "wrn28_2"
         assert cfg.trainer.iterations == 250000
         assert f"_{a.name}" in name
-        assert (a.logit_adjust == "loss") == ("_la" in name)
-        assert a.la_tau == 1.0
+        mode = "posthoc" if "_lainf" in name else "loss" if "_la" in name else "none"
+        assert a.logit_adjust == mode and a.la_tau == 1.0
+        matched = d.name != "stl10" and d.gamma_l == d.gamma_u and not d.reverse_unlabeled
         if name.endswith("_darp"):
-            assert p.name == "darp" and p.warmup_ratio == 0.4 and p.per_iters == 10
-            assert p.target == ("estimate" if any(t in name for t in table2) else "labeled")
+            assert p.name == "darp" and (p.warmup_ratio, p.per_iters, p.alpha) == (0.4, 10, 2.0)
+            assert p.target == ("labeled" if matched else "estimate")
+            assert matched or d.num_valid_per_class > 0
         elif name.endswith("_daso"):
             assert p.name == "daso"
+            assert p.dist_temperature == (1.5 if matched and d.name == "cifar10" else 0.3)
         else:
             assert p.name == "none"
         if a.name in ("meanteacher", "pseudolabel"):
@@ -157,4 +179,6 @@ def test_comparator_rows_are_generated_and_say_what_their_names_say():
         if a.name == "meanteacher":
             assert (a.lambda_u, a.rampup_ratio) == (50.0, 0.4)
         if a.name == "pseudolabel":
-            assert (a.threshold, a.lambda_u) == (0.95, 1.0)
+            assert (a.threshold, a.lambda_u, a.rampup_ratio) == (0.95, 1.0, 0.4)
+        if a.name == "fixmatch":
+            assert a.uratio == 2 and a.dist_align == "none"
