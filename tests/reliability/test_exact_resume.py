@@ -38,6 +38,7 @@ CASES = {
     "pseudolabel": ["algorithm=pseudolabel", "pseudo=none", "algorithm.threshold=0.5"],
 }
 FILES = ("metrics.jsonl", "per_class.csv", "summary.json", "confusion_test.npy")
+WAIT_S = 120 * len(CASES)  # all cases run at once: the wait grows with their number
 
 
 def _logged_steps(run: Path) -> list[int]:
@@ -65,7 +66,7 @@ def runs(tmp_path_factory, rel):
             procs[name, kind] = rel.launch("train", *args[name], f"run_dir={root / name / kind}",
                                            log=root / name / f"{kind}.log")
     at_kill = {}
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + WAIT_S
     while len(at_kill) < len(CASES) and time.monotonic() < deadline:
         for name in CASES:
             if name in at_kill:
@@ -87,12 +88,12 @@ def runs(tmp_path_factory, rel):
                                  "checkpoints": []}
         time.sleep(0.003)
     for proc in procs.values():
-        proc.wait(timeout=240)
+        proc.wait(timeout=WAIT_S)
     resumed = {name: rel.launch("train", *args[name], f"run_dir={root / name / 'kill'}",
                                 "resume=true", log=root / name / "resume.log")
                for name in CASES}
     for proc in resumed.values():
-        proc.wait(timeout=240)
+        proc.wait(timeout=WAIT_S)
     return root, procs, resumed, at_kill
 
 
