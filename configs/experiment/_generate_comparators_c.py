@@ -16,8 +16,8 @@ Values: official configs/{cifar10,cifar100,stl10}/fixmatch_crest.yaml and DASO A
   reports both, so both rows are here.
 * Supervised w/ cRT (``algorithm=crt``): Table 11 (CIFAR-10-LT gamma 100, CIFAR-100-LT gamma
   10, STL-10-LT gamma_l 10), re-training the classifier of the finished Supervised row
-  ``runs/<setting>_supervised-seed<seed>`` (written here too: Table 11's "Supervised"; train it
-  first, same seed). The re-training length is the protocol's (the official cRT takes
+  ``runs/<setting>_supervised-seed<seed>`` (that row is written by _generate_comparators_a.py;
+  train it first, same seed). The re-training length is the protocol's (the official cRT takes
   SOLVER.MAX_ITER of the base config).
 
 Not here: "FixMatch + LA w/ CReST+" (Table 1, Table 14: needs LA), ReMixMatch w/ CReST+
@@ -87,13 +87,6 @@ def render_crest(s, plus: bool) -> tuple[str, str]:
     return name, "\n".join(lines) + "\n"
 
 
-def render_supervised(s) -> tuple[str, str]:
-    name = f"{s.name}_supervised"
-    lines = [*_head(s, "Supervised (labeled data only; the run cRT re-trains)", "supervised",
-                    "none", "Table 11"), *_tail(name)]
-    return name, "\n".join(lines) + "\n"
-
-
 def render_crt(s) -> tuple[str, str]:
     ssl = f"{s.name}_supervised"
     name = f"{ssl}_crt"
@@ -111,17 +104,16 @@ def in_table11(s) -> bool:
 
 
 def rows() -> dict[str, str]:
-    """{file stem: YAML text} of every CReST / CReST+ / cRT row (and cRT's Supervised rows)."""
+    """{file stem: YAML text} of every CReST / CReST+ / cRT row."""
     out = {}
     for s in base.settings():
         crest = not s.matched or in_table11(s)  # Table 2 (all mismatched) or Table 11
         for plus in ((False, True) if crest else (True,)):
             name, text = render_crest(s, plus)
             out[name] = text
-        if in_table11(s):
-            for render in (render_supervised, render_crt):
-                name, text = render(s)
-                out[name] = text
+        if in_table11(s):  # its Supervised row is _generate_comparators_a.py's
+            name, text = render_crt(s)
+            out[name] = text
     return out
 
 

@@ -25,6 +25,13 @@ Hooks beyond ``step`` (no-op defaults; the trainer calls them without knowing th
     "class_balanced": class uniformly, then an image of it).
   * ``init_from`` / ``configure_network(model)``: a checkpoint whose weights the run starts
     from, and which parameters train (a post-training phase such as classifier re-training).
+
+Logit adjustment (LA; Menon et al., ICLR 2021), for every algorithm through two fields of
+``AlgorithmConfig``: ``logit_adjust=loss`` trains the labeled loss on ``f(x) + tau log pi``
+(``labeled_logits``; official DASO ``ALGORITHM.LOGIT_ADJUST``: ``l_logits += tau *
+p_data.log()`` in lib/algorithm/fixmatch.py, supervised.py, lib/models/daso_model.py) and
+``logit_adjust=posthoc`` evaluates ``argmax f(x) - tau log pi`` (``eval_logits``; official
+``eval_loop``: ``outputs - p_data.log()``), pi being the labeled class frequencies.
 """
 from __future__ import annotations
 
@@ -41,6 +48,18 @@ class AlgorithmConfig:
 
     name: str = "supervised"
     uratio: int = 2  # mu: unlabeled images per labeled image (DASO's protocol: 2)
+    logit_adjust: str = "none"  # none | loss | posthoc (Menon et al. ICLR 2021; see above)
+    la_tau: float = 1.0  # tau of LA (Menon et al. Eq. 10; official LOGIT_ADJUST.TAU 1.0)
+
+
+#: ``logit_adjust`` values: off, the logit-adjusted labeled loss, post-hoc adjustment at evaluation
+LOGIT_ADJUST_MODES = ("none", "loss", "posthoc")
+
+
+def logit_adjustment(prior: Tensor, tau: float) -> Tensor:
+    """tau * log pi (Menon et al. Eqs. 9-10): the offset LA adds to the logits in the loss and
+    subtracts from them post hoc."""
+    return tau * prior.log()
 
 
 @dataclass
@@ -101,12 +120,44 @@ class Algorithm(nn.Module):
         #: p(y) of the labeled set (the target of distribution alignment)
         self.register_buffer("labeled_prior", counts / counts.sum().clamp_min(1.0),
                              persistent=False)
+        self.register_buffer("la_offset", self._la_offset(cfg), persistent=False)
         self.refiner = refiner if refiner is not None else IdentityRefiner()
         if not self.unlabeled_views and type(self.refiner) is not IdentityRefiner:
             from imbssl.errors import UserError
 
             raise UserError(f"algorithm={cfg.name} trains on labeled data only, so a "
                             "pseudo-label refiner does not apply; add pseudo=none")
+
+    def _la_offset(self, cfg: AlgorithmConfig) -> Tensor:
+        """tau * log pi of the labeled set, or zeros with ``logit_adjust=none``."""
+        from imbssl.errors import UserError
+
+        mode = getattr(cfg, "logit_adjust", "none")
+        if mode not in LOGIT_ADJUST_MODES:
+            raise UserError(f"algorithm.logit_adjust={mode!r} is invalid: choose one of "
+                            f"{', '.join(LOGIT_ADJUST_MODES)}")
+        if mode == "none":
+            return torch.zeros_like(self.labeled_prior)
+        if cfg.la_tau < 0:
+            raise UserError(f"algorithm.la_tau={cfg.la_tau} is invalid: it must be >= 0")
+        if bool((self.labeled_prior == 0).any()):
+            raise UserError("algorithm.logit_adjust needs every class in the labeled set "
+                            "(log pi of an empty class is -inf); raise dataset.n1")
+        return logit_adjustment(self.labeled_prior, cfg.la_tau)
+
+    def labeled_logits(self, logits: Tensor) -> Tensor:
+        """The logits the labeled loss is computed on: ``f(x) + tau log pi`` with
+        ``logit_adjust=loss`` (LA's loss, Menon et al. Eq. 10), ``f(x)`` otherwise."""
+        if getattr(self.cfg, "logit_adjust", "none") != "loss":
+            return logits
+        return logits.float() + self.la_offset
+
+    def posthoc_adjust(self, logits: Tensor) -> Tensor:
+        """``f(x) - tau log pi`` with ``logit_adjust=posthoc`` (Menon et al. Eq. 9),
+        ``f(x)`` otherwise: for ``eval_logits`` (and overrides of it)."""
+        if getattr(self.cfg, "logit_adjust", "none") != "posthoc":
+            return logits
+        return logits.float() - self.la_offset
 
     @classmethod
     def make_heads(cls, cfg: AlgorithmConfig, feat_dim: int,
@@ -145,18 +196,26 @@ class Algorithm(nn.Module):
 
     def eval_logits(self, output) -> Tensor:
         """The logits evaluation takes the argmax of, from the network's output: the
-        classifier's by default; a method may read another head or adjust them post hoc."""
-        return output.logits
+        classifier's by default (post-hoc logit-adjusted with ``logit_adjust=posthoc``); a
+        method may read another head or adjust them post hoc."""
+        return self.posthoc_adjust(output.logits)
 
     def feed_refiner(self, batch: Batch, state: StepState,
                      ema_features: Tensor | None = None) -> None:
         """Give the refiner the EMA model's features of the labeled batch (DASO's queues);
-        pass ``ema_features`` when the algorithm has computed them already."""
+        pass ``ema_features`` when the algorithm has computed them already. First tells the
+        refiner the step's batch and state (``begin_step``: DARP's unlabeled indices)."""
+        self.refiner.begin_step(batch, state)
         if self.refiner.needs_labeled_features:
             if ema_features is None:
                 with torch.no_grad():
                     ema_features = state.ema_model(batch.x_lb).features
             self.refiner.update_labeled(ema_features.float(), batch.y_lb)
+
+    def observe_validation(self, confusion: Tensor) -> None:
+        """The trainer's (true, predicted) counts on the validation set after each
+        evaluation; passed to the refiner (DARP's estimate of the unlabeled distribution)."""
+        self.refiner.observe_validation(confusion)
 
     def probe_ctaugment(self, batch: Batch, state: StepState) -> dict[str, Tensor]:
         """With CTAugment (``self.ctaugment``): score labeled probes with the EMA model (one

@@ -57,7 +57,7 @@ class FixMatch(Algorithm):
         probe_logs = self.probe_ctaugment(batch, state)
         (logits_x, _), (logits_w, feats_w), (logits_s, feats_s) = forward_all(
             state.model, batch.x_lb, *batch.x_ulb)
-        loss_x = F.cross_entropy(logits_x.float(), batch.y_lb)  # l_s (FixMatch Sec. 3)
+        loss_x = F.cross_entropy(self.labeled_logits(logits_x).float(), batch.y_lb)  # l_s (+LA)
 
         with torch.no_grad():
             probs = torch.softmax(logits_w.detach().float(), dim=-1)  # q_b = p_m(y | alpha(u_b))

@@ -139,7 +139,7 @@ class MixMatch(Algorithm):
             targets_u.repeat(k, 1), cfg.mixup_mode, cfg.mixup_alpha)
         logits = state.model(x_mix).logits.float()
 
-        loss_x = soft_cross_entropy(logits[:n_lb], y_mix[:n_lb]).mean()  # L_X (Eq. 3)
+        loss_x = soft_cross_entropy(self.labeled_logits(logits[:n_lb]), y_mix[:n_lb]).mean()  # L_X
         # L_U = 1/(L |U'|) sum ||q - p_model(y|u)||^2 (Eq. 4): mean over images and classes
         loss_u = F.mse_loss(torch.softmax(logits[n_lb:], -1), y_mix[n_lb:])
         ramp = linear_rampup(state.step, state.total_steps, cfg.rampup_ratio)

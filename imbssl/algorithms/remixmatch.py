@@ -122,7 +122,7 @@ class ReMixMatch(Algorithm):
         y_all = torch.cat([one_hot(batch.y_lb, self.num_classes), targets_u, targets_u, targets_u])
         x_mix, y_mix, lam = mixup(x_all, y_all, cfg.mixup_alpha)
         logits = model(x_mix).logits
-        loss_x = soft_cross_entropy(logits[:n_lb], y_mix[:n_lb]).mean()
+        loss_x = soft_cross_entropy(self.labeled_logits(logits[:n_lb]), y_mix[:n_lb]).mean()
         loss_u = soft_cross_entropy(logits[n_lb:], y_mix[n_lb:]).mean()
 
         if not self.joint_pass:  # remixmatch.py: strong view 1 alone, after the MixUp pass

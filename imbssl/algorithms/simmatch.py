@@ -147,7 +147,7 @@ class SimMatch(Algorithm):
                 model, batch.x_lb, x_weak, x_strong)
             self.update_bank(batch, model, feats_lb_t)
             teacher = model
-        loss_x = F.cross_entropy(logits_x.float(), batch.y_lb)  # L_s
+        loss_x = F.cross_entropy(self.labeled_logits(logits_x).float(), batch.y_lb)  # L_s (+LA)
         emb_s = F.normalize(model.heads["projection"](feats_s).float(), dim=-1)
 
         with torch.no_grad():

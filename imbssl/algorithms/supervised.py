@@ -14,5 +14,5 @@ class Supervised(Algorithm):
 
     def step(self, batch: Batch, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
         logits = state.model(batch.x_lb).logits
-        loss = F.cross_entropy(logits.float(), batch.y_lb)
+        loss = F.cross_entropy(self.labeled_logits(logits).float(), batch.y_lb)  # (+LA)
         return loss, {"loss/labeled": loss.detach()}

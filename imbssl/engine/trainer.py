@@ -238,7 +238,10 @@ class Trainer:
         self.ema = EMA(self.model, self.mcfg.ema_decay, warmup=self.mcfg.ema_warmup,
                        buffers=self.mcfg.ema_buffers, train_mode=self.mcfg.ema_train_mode)
         try:
-            refiner = build_refiner(pseudo_cfg, k, self.model.feat_dim)
+            refiner = build_refiner(pseudo_cfg, k, self.model.feat_dim,
+                                    num_unlabeled=len(self.data.unlabeled.labels),
+                                    labeled_counts=self.data.labeled_counts,
+                                    has_validation=self.data.valid is not None)
             self.algo = algo_cls(algo_cfg, k, self.model.feat_dim, self.data.labeled.labels,
                                  refiner=refiner).to(self.device)
         except UserError:
@@ -696,6 +699,8 @@ class Trainer:
                                               if self.data.valid is not None else [])
         for split, tset in splits:
             res = self._measure(split, tset)
+            if split == "valid":  # e.g. DARP's estimate of the unlabeled distribution
+                self.algo.observe_validation(torch.as_tensor(res["confusion"], device=self.device))
             row = {k: res[k] for k in ("step", "split", "top1", "balanced_acc")}
             self._append_metrics(row)
             if self.log is not None:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from imbssl.errors import UnknownNameError
+from imbssl.errors import UnknownNameError, UserError
 from imbssl.pseudo.base import IdentityRefiner
+from imbssl.pseudo.darp import DARP, DARPConfig
 from imbssl.pseudo.daso import DASO, DASOConfig
 from imbssl.pseudo.features import FeatureTap
 
@@ -18,6 +19,7 @@ class NoRefinerConfig:
 
 #: refiner name -> config schema (``pseudo/<name>_schema`` in Hydra's ConfigStore)
 REFINER_CONFIGS: dict[str, type] = {"none": NoRefinerConfig, "daso": DASOConfig}
+REFINER_CONFIGS["darp"] = DARPConfig
 
 
 def refiner_config(name: str) -> type:
@@ -28,14 +30,23 @@ def refiner_config(name: str) -> type:
     return REFINER_CONFIGS[name]
 
 
-def build_refiner(cfg, num_classes: int, feat_dim: int):
-    """The refiner named by ``cfg.name`` (``none`` or ``daso``)."""
+def build_refiner(cfg, num_classes: int, feat_dim: int, *, num_unlabeled: int = 0,
+                  labeled_counts=None, has_validation: bool = True):
+    """The refiner named by ``cfg.name``; ``num_unlabeled``, ``labeled_counts`` and
+    ``has_validation``: the unlabeled set's size, the labeled class counts and whether a
+    validation set exists (refiners with per-image state or estimates)."""
     name = getattr(cfg, "name", "none") if cfg is not None else "none"
     refiner_config(name)
     if name == "daso":
         return DASO.from_config(cfg, num_classes, feat_dim)
+    if name == "darp":
+        if cfg.target == "estimate" and not has_validation:
+            raise UserError("pseudo.target=estimate (DARP) estimates the unlabeled class "
+                            "distribution on the validation set; set dataset.num_valid_per_class")
+        return DARP.from_config(cfg, num_classes, num_unlabeled,
+                                labeled_counts if labeled_counts is not None else [1] * num_classes)
     return IdentityRefiner()
 
 
-__all__ = ["DASO", "REFINER_CONFIGS", "DASOConfig", "FeatureTap", "IdentityRefiner",
+__all__ = ["DARP", "DARPConfig", "DASO", "REFINER_CONFIGS", "DASOConfig", "FeatureTap", "IdentityRefiner",
            "NoRefinerConfig", "build_refiner", "refiner_config"]

@@ -4,13 +4,18 @@ they bring. Algorithms call the hooks below; ``IdentityRefiner`` makes every hoo
 so an algorithm is the same code with or without DASO.
 
 Call order inside ``Algorithm.step`` (where the algorithm has these quantities):
-  1. ``algo.feed_refiner(batch, state)``: EMA-model features of the labeled batch
+  1. ``algo.feed_refiner(batch, state)``: ``begin_step(batch, state)`` (the step's batch, e.g.
+     its unlabeled indices ``batch.idx_ulb``, and the run's length: DARP keeps one
+     pseudo-label per unlabeled image), then EMA-model features of the labeled batch
      -> ``update_labeled(features, labels)``
   2. ``refine(probs, features_weak, step)`` -> refined probabilities (B, K); ``probs`` are the
      linear (classifier) probabilities on the weak view, ``features_weak`` detached.
   3. ``observe(final_pseudo_labels)``: the final hard pseudo-labels of this step.
   4. ``extra_loss(features_weak, features_strong, step)`` -> (loss, logs) added to the total.
   5. ``pseudo_logs()`` -> the ``pseudo/...`` entries of this step (see algorithms/base.py).
+Outside the step, the trainer calls ``algo.observe_validation(confusion)`` after each
+validation evaluation, which passes the (true, predicted) count matrix to
+``observe_validation`` (DARP's estimate of the unlabeled class distribution).
 """
 from __future__ import annotations
 
@@ -22,6 +27,12 @@ class IdentityRefiner(nn.Module):
     """No refinement: pseudo-labels come from the classifier alone."""
 
     needs_labeled_features = False
+
+    def begin_step(self, batch, state) -> None:
+        pass
+
+    def observe_validation(self, confusion: Tensor) -> None:
+        pass
 
     def update_labeled(self, features: Tensor, labels: Tensor) -> None:
         pass

@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 from imbssl.algorithms import get_algorithm
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "algorithm"
-NAMES = ["supervised", "fixmatch", "mixmatch", "remixmatch", "simmatch"]
+NAMES = ["supervised", "fixmatch", "mixmatch", "remixmatch", "simmatch", "meanteacher",
+         "pseudolabel"]
 
 
 @pytest.mark.parametrize("name", NAMES)

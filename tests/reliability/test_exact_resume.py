@@ -35,6 +35,11 @@ CASES = {
     "crest_plus": ["algorithm=crest_plus", "pseudo=none", "algorithm.generations=4",
                    "algorithm.threshold=0.5"],
     "crt": ["algorithm=crt", "pseudo=none"],  # class-balanced labeled stream, frozen encoder
+    # LA loss + DARP: per-image pseudo-labels stored and re-solved every 3 steps from step 5
+    "fixmatch_la_darp": ["algorithm=fixmatch", "pseudo=darp", "algorithm.logit_adjust=loss",
+                         "pseudo.warmup_ratio=0.2", "pseudo.per_iters=3", "algorithm.threshold=0.5"],
+    "meanteacher": ["algorithm=meanteacher", "pseudo=none", "algorithm.logit_adjust=posthoc"],
+    "pseudolabel": ["algorithm=pseudolabel", "pseudo=none", "algorithm.threshold=0.5"],
 }
 WAIT = 120 * len(CASES)  # seconds: all cases run at once on a two-core machine
 FILES = ("metrics.jsonl", "per_class.csv", "summary.json", "confusion_test.npy")
@@ -129,6 +134,9 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(runs, rel, name):
                    (run / "metrics.jsonl").read_text().splitlines()))
     elif name == "crest_plus":
         assert len(mid["labeled_added"]["indices"]) > 0
+    elif name == "fixmatch_la_darp":  # re-solved after the resume, every image stored
+        assert bool(algo["refiner.seen"].any())  # stored rows, solved at steps 5, 8, ..., 20
+        assert not torch.allclose(algo["refiner.pseudo_refine"], torch.full((1,), 0.1))
     elif name == "simmatch":
         assert int(algo["dist_align.count"]) == ITERS
         assert 0 < int(algo["bank_filled"].sum()) < len(algo["bank_filled"]) or \
