@@ -95,7 +95,11 @@ class NonFiniteLossError(RuntimeError):
 
 class Preempted(RuntimeError):
     """SIGTERM, SIGUSR1 or SIGUSR2 arrived: the step was finished and checkpointed;
-    resume=true continues exactly."""
+    resume=true continues exactly. ``signum``: the signal (None: another process's)."""
+
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum
 
 
 @contextlib.contextmanager
@@ -498,7 +502,7 @@ class Trainer:
         name = signal.Signals(signum).name if signum is not None else "a preemption signal"
         raise Preempted(f"{name} received: stopped after step {self.step_count} and "
                         f"checkpointed it in {self.run_dir / 'checkpoints'}; continue with "
-                        "resume=true")
+                        "resume=true", signum)
 
     def _guarded(self, what: str, action, fallback=None) -> None:
         """Run ``action``; an evaluation or report failure is logged (one line on stderr, and
