@@ -174,3 +174,27 @@ def test_sigusr2_job_requeues_with_resume_and_ends_like_uninterrupted(
                            torch.load(run_dir / final, weights_only=True)) == []
     for name in FILES:
         assert (tmp_path / "ref" / name).read_bytes() == (run_dir / name).read_bytes(), name
+
+
+@needs_plugin
+def test_preemption_is_handed_to_submitits_handler(submitit_job):
+    """SIGUSR2 (submitit's signal): checkpoint and requeue; SIGTERM (a preemption without the
+    user signal, or scancel): only the resubmission is written; outside a job: nothing."""
+    from hydra_plugins.imbssl_launcher.requeue import hand_over_to_submitit
+
+    class Handler:  # stands for submitit's SignalHandler
+        calls: list = []
+
+        def checkpoint_and_try_requeue(self, signum, frame=None):
+            self.calls.append(("requeue", signum))
+
+        def checkpoint_and_exit(self, signum, frame=None):
+            self.calls.append(("checkpoint", signum))
+
+    signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+    hand_over_to_submitit(signal.SIGUSR2)  # no submitit handler installed: nothing
+    signal.signal(signal.SIGUSR2, Handler().checkpoint_and_try_requeue)
+    hand_over_to_submitit(signal.SIGUSR2)
+    hand_over_to_submitit(signal.SIGTERM)
+    hand_over_to_submitit(None)  # another process was signalled: its own job requeues
+    assert Handler.calls == [("requeue", signal.SIGUSR2), ("checkpoint", signal.SIGTERM)]
