@@ -295,7 +295,7 @@ def broadcast_object(obj):
 
 __all__ = [
     "GradientAllReduce", "all_gather_cat", "all_reduce_mean", "all_reduce_min",
-    "all_reduce_sum", "any_process", "barrier", "broadcast_buffers", "broadcast_module", "broadcast_object",
-    "even_shard", "init_from_env", "init_group", "is_distributed", "is_main", "launch_info",
-    "local_rank", "rank", "shard", "shutdown", "world_size",
+    "all_reduce_sum", "any_process", "barrier", "broadcast_buffers", "broadcast_module",
+    "broadcast_object", "even_shard", "init_from_env", "init_group", "is_distributed", "is_main",
+    "launch_info", "local_rank", "rank", "shard", "shutdown", "world_size",
 ]

@@ -19,11 +19,12 @@ dropped from ``metrics.jsonl`` and ``per_class.csv``, so a resumed run's files e
 uninterrupted run's.
 
 Where long runs die: SIGTERM/SIGUSR1/SIGUSR2 finish the step, checkpoint it and raise
-``Preempted`` (summary ``status: preempted``, CLI exit 75; with several processes they agree
-on the stop at the next log/eval/checkpoint step, so no step pays a collective for it); ``resume=true`` skips a damaged newest
-checkpoint (named, renamed ``*.damaged``) for the newest good one; a full disk is a one-line
-``DiskFullError`` (exit 74) that keeps the previous checkpoint; a failed evaluation or report
-is a warning and a ``missing`` entry in summary.json, never the end of training.
+``Preempted`` (summary ``status: preempted``, CLI exit 75; several processes agree on the
+stop at the next log/eval/checkpoint step, so no other step pays a collective for it);
+``resume=true`` skips a damaged newest checkpoint (named, renamed ``*.damaged``) for the
+newest good one; a full disk is a one-line ``DiskFullError`` (exit 74) that keeps the
+previous checkpoint; a failed evaluation or report is a warning and a ``missing`` entry in
+summary.json, never the end of training.
 
 Several processes (``torchrun``): see :mod:`imbssl.engine.distributed`.
 """
