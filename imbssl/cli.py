@@ -9,7 +9,8 @@
 
 A mistake in the input (config, data, run folder) is one line on stderr and exit code 2;
 ``--debug`` shows the traceback instead. Other exit codes: 1 a non-finite loss, 74 a full disk, 75 preempted
-(SIGTERM/SIGUSR1: the step was checkpointed, ``resume=true`` continues; sysexits EX_TEMPFAIL).
+(SIGTERM/SIGUSR1/SIGUSR2: the step was checkpointed, ``resume=true`` continues; sysexits
+EX_TEMPFAIL).
 """
 from __future__ import annotations
 

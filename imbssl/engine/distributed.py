@@ -44,6 +44,8 @@ Cross-rank state
 * Pseudo-label confusion matrices and the logged scalar means: all-reduced at a flush.
 * Evaluation: each rank evaluates a contiguous shard of the test set, counts are summed.
 * Logging, checkpoints, summaries and reports: rank 0 only; every rank loads the checkpoint.
+* Preemption: a signal may reach one process only; :func:`any_process` agrees on the stop at
+  the next log/eval/checkpoint step (where the host syncs anyway), never on every step.
 """
 from __future__ import annotations
 
@@ -182,6 +184,15 @@ def all_reduce_min(t: Tensor) -> Tensor:
     return _all_reduce(t, dist.ReduceOp.MIN)
 
 
+def any_process(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """Whether ``flag`` is true in any process: one tiny all-reduce and a host sync (``flag``
+    itself, with neither, for one process), so call it where the host syncs anyway."""
+    if not is_distributed():
+        return bool(flag)
+    return bool(all_reduce_sum(torch.tensor([int(flag)], dtype=torch.int32,
+                                            device=device)).item())
+
+
 def shard(n: int) -> slice:
     """This rank's contiguous share of ``n`` items (the last rank takes the remainder)."""
     size, r = world_size(), rank()
@@ -284,7 +295,7 @@ def broadcast_object(obj):
 
 __all__ = [
     "GradientAllReduce", "all_gather_cat", "all_reduce_mean", "all_reduce_min",
-    "all_reduce_sum", "barrier", "broadcast_buffers", "broadcast_module", "broadcast_object",
-    "even_shard", "init_from_env", "init_group", "is_distributed", "is_main", "launch_info",
-    "local_rank", "rank", "shard", "shutdown", "world_size",
+    "all_reduce_sum", "any_process", "barrier", "broadcast_buffers", "broadcast_module",
+    "broadcast_object", "even_shard", "init_from_env", "init_group", "is_distributed", "is_main",
+    "launch_info", "local_rank", "rank", "shard", "shutdown", "world_size",
 ]

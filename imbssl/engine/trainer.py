@@ -18,11 +18,13 @@ accumulators, evaluation history); on resume the rows logged after the checkpoin
 dropped from ``metrics.jsonl`` and ``per_class.csv``, so a resumed run's files equal an
 uninterrupted run's.
 
-Where long runs die: SIGTERM/SIGUSR1 finish the step, checkpoint it and raise ``Preempted``
-(summary ``status: preempted``, CLI exit 75); ``resume=true`` skips a damaged newest
-checkpoint (named, renamed ``*.damaged``) for the newest good one; a full disk is a one-line
-``DiskFullError`` (exit 74) that keeps the previous checkpoint; a failed evaluation or report
-is a warning and a ``missing`` entry in summary.json, never the end of training.
+Where long runs die: SIGTERM/SIGUSR1/SIGUSR2 finish the step, checkpoint it and raise
+``Preempted`` (summary ``status: preempted``, CLI exit 75; several processes agree on the
+stop at the next log/eval/checkpoint step, so no other step pays a collective for it);
+``resume=true`` skips a damaged newest checkpoint (named, renamed ``*.damaged``) for the
+newest good one; a full disk is a one-line ``DiskFullError`` (exit 74) that keeps the
+previous checkpoint; a failed evaluation or report is a warning and a ``missing`` entry in
+summary.json, never the end of training.
 
 Several processes (``torchrun``): see :mod:`imbssl.engine.distributed`.
 """
@@ -84,7 +86,9 @@ CHECKPOINT_FORMAT = 2
 NEVER = 2**62  # "no non-finite value yet" in the first-bad-step accumulators
 
 
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM's warning (--signal) and kill
+# SLURM's kill (SIGTERM), a `sbatch --signal` warning (SIGUSR1) and submitit's warning
+# (SIGUSR2: `--signal=USR2@signal_delay_s`, and on preemption; submitit/core/job_environment.py)
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -92,13 +96,17 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Preempted(RuntimeError):
-    """SIGTERM or SIGUSR1 arrived: the step was finished and checkpointed; resume=true
-    continues exactly."""
+    """SIGTERM, SIGUSR1 or SIGUSR2 arrived: the step was finished and checkpointed;
+    resume=true continues exactly. ``signum``: the signal (None: another process's)."""
+
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum
 
 
 @contextlib.contextmanager
 def signals_as_flag(flag: dict):
-    """While training, SIGTERM and SIGUSR1 only note themselves in ``flag["signal"]`` (read
+    """While training, the preemption signals only note themselves in ``flag["signal"]`` (read
     between steps); the previous handlers come back afterwards."""
     if threading.current_thread() is not threading.main_thread():
         yield flag  # handlers can only be set from the main thread
@@ -218,7 +226,7 @@ class Trainer:
         self._resumed_from: Path | None = None
         self._resumed_at = 0
         self._damaged: list[tuple[Path, str]] = []  # newer checkpoints that failed to load
-        self._signal: dict = {"signal": None}  # set by SIGTERM / SIGUSR1 during run()
+        self._signal: dict = {"signal": None}  # set by a PREEMPTION_SIGNALS during run()
         self._saved_step = -1  # the step of the last checkpoint written or loaded
         self._missing: list[str] = []  # evaluations / report parts that failed
         self._prepared = False
@@ -519,13 +527,14 @@ class Trainer:
         return disk_full(exc.filename or f"a log file in {self.run_dir}", exc)
 
     def _preemption_requested(self) -> bool:
-        """A preemption signal reached this process (with several: any process; one tiny
-        all-reduce per step, so that all stop after the same step)."""
+        """A preemption signal reached this process. With several processes: whether one
+        reached any process, asked only at flush steps (log/eval/checkpoint: one tiny
+        all-reduce where the host syncs anyway), so all stop after the same step and the
+        other steps stay free of host syncs."""
         asked = self._signal["signal"] is not None
         if self.world == 1:
             return asked
-        flag = torch.tensor([int(asked)], dtype=torch.int32, device=self.device)
-        return bool(ddp.all_reduce_sum(flag).item())
+        return self._flush_step() and ddp.any_process(asked, self.device)
 
     def _preempt(self) -> None:
         """Checkpoint the finished step (unless it just was) and raise ``Preempted``."""
@@ -535,7 +544,7 @@ class Trainer:
         name = signal.Signals(signum).name if signum is not None else "a preemption signal"
         raise Preempted(f"{name} received: stopped after step {self.step_count} and "
                         f"checkpointed it in {self.run_dir / 'checkpoints'}; continue with "
-                        "resume=true")
+                        "resume=true", signum)
 
     def _guarded(self, what: str, action, fallback=None) -> None:
         """Run ``action``; an evaluation or report failure is logged (one line on stderr, and
@@ -594,7 +603,7 @@ class Trainer:
         before the checkpoint is written."""
         step, t = self.step_count, self.tcfg
         at = lambda every: every > 0 and (step % every == 0 or step == t.iterations)  # noqa: E731
-        if at(t.log_interval) or at(t.eval_interval) or at(t.checkpoint_interval):
+        if self._flush_step():
             scalars = self.flush_scalars()
             if scalars:
                 row = {"step": step, "split": "train", "lr": self.optimizer.param_groups[0]["lr"],
@@ -676,6 +685,12 @@ class Trainer:
                                                  confusion_to_metrics(conf),
                                                  self.data.class_names))
         self.log.write_confusion(conf, f"labeled_added_{self.step_count:08d}.npy")
+
+    def _flush_step(self) -> bool:
+        """Whether this step logs, evaluates or checkpoints (and so syncs the host anyway)."""
+        step, t = self.step_count, self.tcfg
+        return any(every > 0 and (step % every == 0 or step == t.iterations)
+                   for every in (t.log_interval, t.eval_interval, t.checkpoint_interval))
 
     # ----------------------------------------------------------------- evaluation
     def _measure(self, split: str, tset) -> dict:

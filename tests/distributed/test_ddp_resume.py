@@ -1,19 +1,21 @@
-"""Multi-process resume: a two-process run (gloo, CPU) stopped after a checkpoint and resumed
-with two processes ends with the same weights, EMA, optimizer and DASO state as the
-uninterrupted two-process run (exactly), and resumed with one process, the same to float
-rounding (the all-reduced gradient is summed in another order).
+"""Multi-process resume: a two-process run (gloo, CPU) killed with SIGKILL after its step-4
+checkpoint and resumed with two processes ends with the same weights, EMA, optimizer and DASO
+state as the uninterrupted two-process run (exactly), and resumed with one process, the same
+to float rounding (the all-reduced gradient is summed in another order).
 
-"Stopped after a checkpoint" is the run folder as a kill after the step-4 checkpoint leaves
-it: the uninterrupted run's folder without the later checkpoint (resume drops the log rows
-logged after step 4).
+The killed run's workers hold after step 6 (its log row written, the step-8 checkpoint not)
+until both are killed, so the kill lands at a known point; resume drops the rows logged
+after step 4.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import torch
 from omegaconf import OmegaConf
@@ -31,19 +33,31 @@ OVERRIDES = [f"trainer.iterations={ITERS}", "trainer.batch_size=8", "trainer.log
              "pseudo.dist_window=3", "pseudo.queue_size=4"]
 
 WORKER = textwrap.dedent("""
+    import pathlib
     import sys
+    import time
 
     import torch
     from omegaconf import OmegaConf
 
     from imbssl.engine.distributed import init_group, shutdown
 
-    rank, init, cfg_path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    rank, init, cfg_path, hold_at = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
     torch.set_num_threads(1)
     init_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
     from imbssl.engine.trainer import Trainer
 
-    Trainer(OmegaConf.load(cfg_path)).run()
+    trainer = Trainer(OmegaConf.load(cfg_path))
+    periodic = trainer._periodic
+
+    def periodic_then_hold(progress) -> None:  # wait to be killed after step hold_at
+        periodic(progress)
+        if trainer.step_count == hold_at:
+            pathlib.Path(f"{cfg_path}.held{rank}").touch()
+            time.sleep(3600)
+
+    trainer._periodic = periodic_then_hold
+    trainer.run()
     shutdown()
 """)
 
@@ -57,34 +71,57 @@ def compose_cfg(run_dir, *extra):
     return compose([*OVERRIDES, f"run_dir={run_dir}", *extra])
 
 
-def two_processes(tmp_path, name: str, cfg) -> None:
+def start_two_processes(tmp_path, name: str, cfg, hold_at: int = 0) -> list[subprocess.Popen]:
     cfg_path = tmp_path / f"{name}.yaml"
     cfg_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     init = tmp_path / f"rendezvous_{name}"
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(r), str(init), str(cfg_path)],
-                                env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True) for r in range(2)]
+    return [subprocess.Popen([sys.executable, "-c", WORKER, str(r), str(init), str(cfg_path),
+                              str(hold_at)], env=ENV, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for r in range(2)]
+
+
+def finish(workers: list[subprocess.Popen]) -> None:
     for w in workers:
         out, _ = w.communicate(timeout=900)
         assert w.returncode == 0, out[-4000:]
+
+
+def two_processes(tmp_path, name: str, cfg) -> None:
+    finish(start_two_processes(tmp_path, name, cfg))
+
+
+def kill_when_held(tmp_path, name: str, workers: list[subprocess.Popen]) -> None:
+    """SIGKILL both workers once both hold (they never exit on their own then)."""
+    held = [tmp_path / f"{name}.yaml.held{r}" for r in range(2)]
+    deadline = time.monotonic() + 900
+    while not all(h.exists() for h in held) and time.monotonic() < deadline:
+        if any(w.poll() is not None for w in workers):
+            break
+        time.sleep(0.05)
+    for w in workers:
+        w.send_signal(signal.SIGKILL)
+    outs = [w.communicate(timeout=60)[0] for w in workers]
+    assert all(h.exists() for h in held), "\n".join(o[-3000:] for o in outs)
+    assert [w.returncode for w in workers] == [-signal.SIGKILL] * 2
 
 
 def final_state(run):
     return torch.load(run / "checkpoints" / f"ckpt_{ITERS:08d}.pt", weights_only=True)
 
 
-def test_two_process_run_resumes_with_two_and_with_one_process(tmp_path):
+def test_two_process_run_killed_resumes_with_two_and_with_one_process(tmp_path):
     from imbssl.engine.trainer import Trainer
 
-    ref = tmp_path / "ref"
-    two_processes(tmp_path, "ref", compose_cfg(ref))
+    ref, stopped = tmp_path / "ref", tmp_path / "stopped"
+    reference = start_two_processes(tmp_path, "ref", compose_cfg(ref))
+    killed = start_two_processes(tmp_path, "killed", compose_cfg(stopped), hold_at=6)
+    kill_when_held(tmp_path, "killed", killed)
+    finish(reference)
     expected = final_state(ref)
     assert expected["world_size"] == 2
 
-    stopped = tmp_path / "stopped"
-    shutil.copytree(ref, stopped)
-    (stopped / "checkpoints" / f"ckpt_{ITERS:08d}.pt").unlink()
     assert sorted(p.name for p in (stopped / "checkpoints").iterdir()) == ["ckpt_00000004.pt"]
+    assert '"step": 6' in (stopped / "metrics.jsonl").read_text()  # logged after the checkpoint
     as_one = tmp_path / "as_one"
     shutil.copytree(stopped, as_one)
 
