@@ -2,7 +2,12 @@
 evaluation, and ABC + DASO (official daso_model.py: both heads' targets blended, one m_hat)."""
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,3 +144,94 @@ def test_abc_with_real_daso_observes_the_main_classifier_once():
     for loss, logs, _ in train_steps(algo, model, ema, opt, labels):
         assert math.isfinite(float(loss)) and "loss/daso_align" in logs
     assert int(refiner.num_observed) == 2  # observe once a step (the main classifier's)
+
+
+CLI_TINY = ["dataset=digits_lt", "trainer.iterations=4", "trainer.batch_size=8",
+            "trainer.eval_interval=2", "trainer.log_interval=2", "trainer.checkpoint_interval=2",
+            "trainer.progress=false", "trainer.tensorboard=false", "trainer.report=false",
+            "device=cpu"]
+
+
+def run_digits_cli(tmp_path, *overrides: str) -> Path:
+    """``imbssl train dataset=digits_lt ...`` in a subprocess; checks the run folder is
+    complete and every logged loss finite; returns the run folder."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, "-m", "imbssl", "train", *CLI_TINY, *overrides,
+                           f"run_dir={run}"], capture_output=True, text=True, timeout=600,
+                          env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("config.yaml", "meta.json", "metrics.jsonl", "per_class.csv", "summary.json",
+                 "confusion_test.npy", "checkpoints/ckpt_00000004.pt"):
+        assert (run / name).is_file(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["step"] == 4
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train] == [2, 4]
+    for r in train:
+        losses = {k: v for k, v in r.items() if k.startswith("loss/")}
+        assert "loss/total" in losses and all(math.isfinite(v) for v in losses.values()), r
+    per_class = (run / "per_class.csv").read_text()
+    assert ",pseudo,final,all," in per_class and ",pseudo,linear,all," in per_class
+    return run
+
+
+@pytest.mark.parametrize("pseudo", ["none", "daso"])
+def test_digits_lt_cli_run(tmp_path, pseudo):
+    """``imbssl train algorithm=abc pseudo=none|daso`` (FixMatch + ABC, + DASO)."""
+    extra = ["pseudo.warmup_iters=1"] if pseudo == "daso" else []
+    run = run_digits_cli(tmp_path, "algorithm=abc", f"pseudo={pseudo}", *extra)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert all("loss/abc_labeled" in r for r in train)
+    assert any("loss/daso_align" in r for r in train) == (pseudo == "daso")
+
+
+# ----------------------------------------------------------------------------- experiment files
+
+def comparators_generator():
+    """configs/experiment/_generate_comparators_b.py as a module."""
+    import importlib.util
+
+    from imbssl.cli import CONFIG_DIR
+
+    path = Path(CONFIG_DIR) / "experiment" / "_generate_comparators_b.py"
+    spec = importlib.util.spec_from_file_location("comparators_b_generate", path)
+    gen = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = gen
+    try:
+        spec.loader.exec_module(gen)
+    finally:
+        del sys.modules[spec.name]
+    return gen
+
+
+def test_abc_and_acr_rows_are_generated_and_compose():
+    from imbssl.cli import compose
+
+    gen = comparators_generator()
+    assert gen.main(["--check"]) == 0, "run: python configs/experiment/_generate_comparators_b.py"
+    table1 = [f"cifar10_lt_g{g}_n{n}" for g in (100, 150) for n in (500, 1500)]
+    table1 += [f"cifar100_lt_g10_n{n}" for n in (50, 150)]
+    mismatched = [f"cifar10_lt_g100_n{n}_{m}" for n in (500, 1500) for m in ("uniform", "reversed")]
+    want = {f"{s}_fixmatch_abc{d}" for s in table1 for d in ("", "_daso")}
+    want |= {f"{s}_acr" for s in table1 + mismatched}
+    assert set(gen.rows()) == want
+    for name in sorted(want):
+        cfg = compose([f"experiment={name}"])
+        assert cfg.experiment_name == name
+        assert cfg.model.name == "wrn28_2" and cfg.trainer.iterations == 250000
+        daso = name.endswith("_daso")
+        assert (cfg.pseudo.name == "daso") == daso
+        if "_abc" in name:
+            a = cfg.algorithm
+            assert (a.name, a.uratio, a.dist_align, a.epoch_iters) == ("abc", 2, "none", 500)
+        else:
+            assert (cfg.algorithm.name, cfg.algorithm.uratio) == ("acr", 1)
+        if daso:
+            t_dist = 1.5 if name.startswith("cifar10_") else 0.3
+            assert cfg.pseudo.dist_temperature == t_dist and cfg.pseudo.warmup_iters == 5000
+        d = cfg.dataset
+        assert d.reverse_unlabeled == ("_reversed" in name)
+        assert d.gamma_u == (1 if "_uniform" in name else d.gamma_l)

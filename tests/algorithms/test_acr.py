@@ -2,6 +2,7 @@
 hand-computed cases; the step's target follows the adjusted logits; exact state round trip."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -139,3 +140,17 @@ def test_bad_values_are_rejected():
         make_setup("acr", estimate_momentum=1.0)
     with pytest.raises(ValueError, match="tau_max"):
         make_setup("acr", tau_max=-1.0)
+
+
+@pytest.mark.parametrize("pseudo", ["none", "daso"])
+def test_digits_lt_cli_run(tmp_path, pseudo):
+    """``imbssl train algorithm=acr pseudo=none|daso``; the tau update runs (epoch of 1)."""
+    from .test_abc import run_digits_cli
+
+    extra = ["pseudo.warmup_iters=1"] if pseudo == "daso" else []
+    run = run_digits_cli(tmp_path, "algorithm=acr", f"pseudo={pseudo}",
+                         "algorithm.epoch_iters=1", "algorithm.estimate_after_epochs=0", *extra)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert all("loss/balanced_unlabeled" in r and math.isfinite(r["acr/tau"]) for r in train)
+    assert any("loss/daso_align" in r for r in train) == (pseudo == "daso")
