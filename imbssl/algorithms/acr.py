@@ -52,6 +52,7 @@ from torch.nn import functional as F
 from imbssl.algorithms import register
 from imbssl.algorithms.abc import linear_head
 from imbssl.algorithms.base import Algorithm, AlgorithmConfig, Batch, StepState
+from imbssl.engine.distributed import all_gather_cat
 from imbssl.pseudo.base import add_extra_loss, hard_labels
 
 BALANCED_HEAD = "balanced"
@@ -149,7 +150,10 @@ class ACR(Algorithm):
     @torch.no_grad()
     def update_estimate(self, predictions: Tensor, confident: Tensor) -> None:
         """Move ``u_py`` towards the histogram of the confident balanced-head predictions and
-        add the anchor divergences of the new estimate; nothing when none is confident."""
+        add the anchor divergences of the new estimate; nothing when none is confident.
+        Under ``torch.distributed`` every rank's batch counts (a collective), so every rank
+        keeps the same estimate and ``tau``."""
+        predictions, confident = all_gather_cat(predictions), all_gather_cat(confident)
         counts = torch.zeros_like(self.u_py).scatter_add_(0, predictions, confident.float())
         total = counts.sum()
         m = self.cfg.estimate_momentum
