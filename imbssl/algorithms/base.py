@@ -200,6 +200,12 @@ class Algorithm(nn.Module):
         method may read another head or adjust them post hoc."""
         return self.posthoc_adjust(output.logits)
 
+    def eval_predictor(self, model: nn.Module):
+        """``output -> logits`` that evaluation argmaxes for ``model``, the network evaluated
+        (its heads included): ``eval_logits`` by default; a method that predicts with one of
+        ``model.heads`` (ABC's balanced classifier) returns a function reading that head."""
+        return self.eval_logits
+
     def feed_refiner(self, batch: Batch, state: StepState,
                      ema_features: Tensor | None = None) -> None:
         """Give the refiner the EMA model's features of the labeled batch (DASO's queues);

@@ -46,7 +46,8 @@ def evaluate_checkpoint(ckpt: Path, overrides: list[str]) -> dict:
     conf = confusion_matrix(trainer.ema.model.to(trainer.device), test.images, test.labels,
                             lambda x: trainer._prepare(trainer.data.augmenter.normalize(x)),
                             trainer.data.num_classes, trainer.tcfg.eval_batch_size,
-                            trainer.autocast, predict=trainer.algo.eval_logits).cpu().numpy()
+                            trainer.autocast,
+                            predict=trainer.algo.eval_predictor(trainer.ema.model)).cpu().numpy()
     metrics = confusion_to_metrics(conf)
     print(format_per_class_table(metrics, trainer.data.class_names, trainer.data.labeled_counts))
     print(f"checkpoint step {state['step']}: test top-1 {metrics['top1'] * 100:.2f}%, "

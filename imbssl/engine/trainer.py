@@ -699,7 +699,7 @@ class Trainer:
         conf = confusion_matrix(self.ema.model, tset.images[part], tset.labels[part],
                                 lambda x: self._prepare(self.data.augmenter.normalize(x)),
                                 self.data.num_classes, self.tcfg.eval_batch_size,
-                                self.autocast, predict=self.algo.eval_logits)
+                                self.autocast, predict=self.algo.eval_predictor(self.ema.model))
         conf = ddp.all_reduce_sum(conf).cpu().numpy()
         metrics = confusion_to_metrics(conf)
         return {"step": self.step_count, "split": split, "top1": float(metrics["top1"]),

@@ -4,8 +4,8 @@ generators, streams, DASO queues and m_hat window, SimMatch bank, distribution-a
 history, tracker, ...), and the same metrics.jsonl, per_class.csv, summary.json and
 confusion_test.npy, byte for byte.
 
-All six processes (reference, killed, resumed for two algorithms) are real CLI runs; the
-reference and killed runs of both algorithms run at once, then both resumes.
+Every process (reference, killed, resumed, for each case) is a real CLI run; the cases run
+in waves of WAVE: a wave's reference and killed runs at once, then its resumes.
 """
 from __future__ import annotations
 
@@ -40,8 +40,15 @@ CASES = {
                          "pseudo.warmup_ratio=0.2", "pseudo.per_iters=3", "algorithm.threshold=0.5"],
     "meanteacher": ["algorithm=meanteacher", "pseudo=none", "algorithm.logit_adjust=posthoc"],
     "pseudolabel": ["algorithm=pseudolabel", "pseudo=none", "algorithm.threshold=0.5"],
+    # ABC + DASO: Bernoulli masks (RNG), gradual schedule moving every 4 steps
+    "abc_daso": ["algorithm=abc", "pseudo=daso", "pseudo.warmup_iters=2", "pseudo.queue_size=8",
+                 "algorithm.threshold=0.5", "algorithm.epoch_iters=4"],
+    # ACR: estimate and KL sum from step 3, tau updated every 3 steps (mid-epoch at the kill)
+    "acr": ["algorithm=acr", "pseudo=none", "algorithm.epoch_iters=3",
+            "algorithm.estimate_after_epochs=0", "algorithm.threshold=0.5"],
 }
-WAIT = 120 * len(CASES)  # seconds: all cases run at once on a two-core machine
+WAVE = 3  # cases run at once (6 processes), so a loaded two-core machine still polls in time
+WAIT = 120 * WAVE  # seconds per phase of a wave
 FILES = ("metrics.jsonl", "per_class.csv", "summary.json", "confusion_test.npy")
 
 
@@ -59,20 +66,20 @@ def _logged_steps(run: Path) -> list[int]:
     return steps
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, rel):
-    root = tmp_path_factory.mktemp("exact_resume")
-    args = {name: [*COMMON, *extra, *rel.QUIET] for name, extra in CASES.items()}
+def _run_wave(root: Path, rel, names: list[str]):
+    """Reference and killed runs of ``names`` at once, the kill after KILL_AFTER, then the
+    resumes."""
+    args = {name: [*COMMON, *CASES[name], *rel.QUIET] for name in names}
     procs = {}
-    for name in CASES:
+    for name in names:
         for kind in ("ref", "kill"):
             (root / name).mkdir(exist_ok=True)
             procs[name, kind] = rel.launch("train", *args[name], f"run_dir={root / name / kind}",
                                            log=root / name / f"{kind}.log")
     at_kill = {}
     deadline = time.monotonic() + WAIT
-    while len(at_kill) < len(CASES) and time.monotonic() < deadline:
-        for name in CASES:
+    while len(at_kill) < len(names) and time.monotonic() < deadline:
+        for name in names:
             if name in at_kill:
                 continue
             run, proc = root / name / "kill", procs[name, "kill"]
@@ -95,9 +102,22 @@ def runs(tmp_path_factory, rel):
         proc.wait(timeout=WAIT)
     resumed = {name: rel.launch("train", *args[name], f"run_dir={root / name / 'kill'}",
                                 "resume=true", log=root / name / "resume.log")
-               for name in CASES}
+               for name in names}
     for proc in resumed.values():
         proc.wait(timeout=WAIT)
+    return procs, resumed, at_kill
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, rel):
+    root = tmp_path_factory.mktemp("exact_resume")
+    procs, resumed, at_kill = {}, {}, {}
+    names = list(CASES)
+    for i in range(0, len(names), WAVE):
+        p, r, k = _run_wave(root, rel, names[i:i + WAVE])
+        procs.update(p)
+        resumed.update(r)
+        at_kill.update(k)
     return root, procs, resumed, at_kill
 
 
