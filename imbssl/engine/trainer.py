@@ -621,9 +621,10 @@ class Trainer:
     # ----------------------------------------------------------------- labeled-set updates
     @torch.no_grad()
     def unlabeled_probs(self) -> Tensor:
-        """(N_u, K) softmax of the EMA model's ``eval_logits`` on the unaugmented unlabeled
-        set (eval mode; every process computes all of it, so all agree)."""
+        """(N_u, K) softmax of the EMA model's predictions (``eval_predictor``) on the
+        unaugmented unlabeled set (eval mode; every process computes all of it, so all agree)."""
         model, images = self.ema.model, self.data.unlabeled.images
+        predict = self.algo.eval_predictor(model)
         was_training = model.training
         model.eval()
         out = []
@@ -631,7 +632,7 @@ class Trainer:
             x = self._prepare(self.data.augmenter.normalize(
                 images[start:start + self.tcfg.eval_batch_size]))
             with self.autocast():
-                logits = self.algo.eval_logits(model(x))
+                logits = predict(model(x))
             out.append(torch.softmax(logits.float(), dim=-1))
         model.train(was_training)
         return torch.cat(out)
