@@ -35,8 +35,9 @@ def test_rows_have_unique_labels_and_known_bases():
     for row in cmp.ROWS:
         assert any(o.startswith("algorithm=") for o in row.overrides), row.label
         assert row.after is None or row.after in labels
-        if row.label.endswith("+daso"):
-            assert any(o.startswith("pseudo=daso") for o in row.overrides), row.label
+        if row.label.endswith("+daso"):  # DASO in the run itself or in the run it starts from
+            assert any(o.startswith("pseudo=daso") for o in row.overrides) or \
+                (row.after or "").endswith("+daso"), row.label
 
 
 def test_a_row_after_another_waits_for_it_and_reads_its_run(tmp_path):
