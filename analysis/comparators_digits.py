@@ -103,8 +103,11 @@ def run_dir_of(out_runs: Path, label: str, seed: int) -> Path:
 
 def job_overrides(args, row: Row, seed: int) -> list[str]:
     after = str(run_dir_of(args.out_runs, row.after, seed)) if row.after else ""
+    # a row another row starts from (cRT) keeps its final checkpoint
+    keep = [f"trainer.checkpoint_interval={args.iterations}"] if any(
+        r.after == row.label for r in ROWS) else []
     return [*bench.common_overrides(args), f"seed={seed}",
-            f"run_dir={run_dir_of(args.out_runs, row.label, seed)}",
+            f"run_dir={run_dir_of(args.out_runs, row.label, seed)}", *keep,
             *[o.replace("{after}", after) for o in row.overrides]]
 
 
