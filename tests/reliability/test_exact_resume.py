@@ -133,8 +133,9 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(runs, rel, name):
     assert resumed[name].returncode == 0, logs["resume"][-3000:]
     resumed_at = int(logs["resume"].split("resumed from ")[1].split(" at step ")[1].split()[0])
     assert resumed_at >= KILL_AFTER
-    # rows logged after the checkpoint existed when the run was killed, and were dropped
-    assert info["last_logged"] > resumed_at, info
+    # the kill came at or after the resumed checkpoint (a fast run on a loaded machine can be
+    # killed exactly at a later checkpoint step; rows logged after it are dropped on resume)
+    assert info["last_logged"] >= resumed_at, info
 
     final = f"checkpoints/ckpt_{ITERS:08d}.pt"
     a = torch.load(ref / final, weights_only=True)
