@@ -50,6 +50,20 @@ class TensorSet:
         return cls(x.to(device), y.to(device))
 
 
+def _init_stream(stream, dataset: TensorSet, batch_size: int, seed: int,
+                 device: torch.device | str | None) -> None:
+    """The fields every batch stream has: its dataset on its device, batch size and CPU
+    generator (checked: a positive batch size, a non-empty dataset)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if len(dataset) == 0:
+        raise ValueError("cannot stream batches from an empty dataset")
+    stream.device = torch.device(device) if device is not None else dataset.device
+    stream.dataset = dataset if dataset.device == stream.device else dataset.to(stream.device)
+    stream.batch_size = int(batch_size)
+    stream.generator = torch.Generator(device="cpu").manual_seed(int(seed))
+
+
 class BatchStream:
     """Endless fixed-size batches, reshuffled every epoch with a private seeded generator.
 
@@ -60,14 +74,7 @@ class BatchStream:
 
     def __init__(self, dataset: TensorSet, batch_size: int, seed: int,
                  device: torch.device | str | None = None):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if len(dataset) == 0:
-            raise ValueError("cannot stream batches from an empty dataset")
-        self.device = torch.device(device) if device is not None else dataset.device
-        self.dataset = dataset if dataset.device == self.device else dataset.to(self.device)
-        self.batch_size = int(batch_size)
-        self.generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        _init_stream(self, dataset, batch_size, seed, device)
         self.epoch = 0
         self.position = 0
         self._new_permutation()
@@ -131,14 +138,7 @@ class ClassBalancedStream:
 
     def __init__(self, dataset: TensorSet, batch_size: int, seed: int,
                  device: torch.device | str | None = None):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if len(dataset) == 0:
-            raise ValueError("cannot stream batches from an empty dataset")
-        self.device = torch.device(device) if device is not None else dataset.device
-        self.dataset = dataset if dataset.device == self.device else dataset.to(self.device)
-        self.batch_size = int(batch_size)
-        self.generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        _init_stream(self, dataset, batch_size, seed, device)
         labels = dataset.labels.cpu()
         self._order = torch.argsort(labels, stable=True)  # indices grouped by class
         classes, counts = torch.unique(labels, return_counts=True)
