@@ -136,6 +136,51 @@ def run_one(job: tuple[str, int, list[str], int]) -> dict:
     return record
 
 
+def record_from_run_dir(run_dir: Path, labels, check=None) -> dict | None:
+    """The record of a finished ``<label>-seed<k>`` run folder whose label is in ``labels``,
+    rebuilt from its summary.json, meta.json and per_class.csv; None otherwise.
+    ``check(run_dir, label)`` may raise when the folder did not run what its label says."""
+    import numpy as np
+
+    from imbssl.diagnostics.metrics import median_of_last
+
+    label, _, seed = run_dir.name.rpartition("-seed")
+    summary_path = run_dir / "summary.json"
+    if label not in labels or not seed.isdigit() or not summary_path.is_file():
+        return None
+    summary = json.loads(summary_path.read_text())
+    if summary.get("status") != "finished":
+        return None
+    if check is not None:
+        check(run_dir, label)
+    meta = json.loads((run_dir / "meta.json").read_text())
+    counts = meta["labeled_counts"]
+    recalls = read_test_recalls(run_dir, len(counts))
+    tail = tail_classes(counts)
+    tail_hist = [float(np.mean([r[c] for c in tail])) for _, r in recalls]
+    n = int(summary["summary_last"])
+    commit = meta.get("git_commit", "unknown") + ("+dirty" if meta.get("git_dirty") else "")
+    return {"method": label, "seed": int(seed),
+            "bal_acc_median": summary[f"median_last{n}"]["test/balanced_acc"],
+            "bal_acc_final": summary["final"]["test/balanced_acc"],
+            "tail_recall_median": median_of_last(tail_hist, n),
+            "tail_recall_final": tail_hist[-1], "evaluations": len(recalls),
+            "summary_last": n, "tail_classes": tail, "labeled_counts": counts,
+            "final_step": recalls[-1][0], "commit": commit, "trainer": meta["trainer"],
+            "seconds": float("nan"), "run_dir": str(run_dir)}
+
+
+def records_from_runs(dirs, labels, check=None) -> list[dict]:
+    """Finished run folders under ``dirs``: one record per (label, seed), the first found."""
+    found: dict[tuple[str, int], dict] = {}
+    for d in map(Path, dirs):
+        for run_dir in sorted(d.iterdir()) if d.is_dir() else ():
+            rec = record_from_run_dir(run_dir, labels, check) if run_dir.is_dir() else None
+            if rec is not None:
+                found.setdefault((rec["method"], rec["seed"]), rec)
+    return list(found.values())
+
+
 # ----------------------------------------------------------------------- aggregation
 def mean_std(values: list[float]) -> tuple[float, float]:
     values = [100.0 * v for v in values]

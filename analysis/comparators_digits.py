@@ -111,44 +111,9 @@ def job_overrides(args, row: Row, seed: int) -> list[str]:
             *[o.replace("{after}", after) for o in row.overrides]]
 
 
-def record_from_run_dir(run_dir: Path, rows: dict[str, Row]) -> dict | None:
-    """The record of a finished ``<row>-seed<k>`` run folder; None otherwise."""
-    import numpy as np
-
-    from imbssl.diagnostics.metrics import median_of_last
-
-    label, _, seed = run_dir.name.rpartition("-seed")
-    summary_path = run_dir / "summary.json"
-    if label not in rows or not seed.isdigit() or not summary_path.is_file():
-        return None
-    summary = json.loads(summary_path.read_text())
-    if summary.get("status") != "finished":
-        return None
-    meta = json.loads((run_dir / "meta.json").read_text())
-    counts = meta["labeled_counts"]
-    recalls = bench.read_test_recalls(run_dir, len(counts))
-    tail = bench.tail_classes(counts)
-    tail_hist = [float(np.mean([r[c] for c in tail])) for _, r in recalls]
-    n = int(summary["summary_last"])
-    return {"method": label, "seed": int(seed),
-            "bal_acc_median": summary[f"median_last{n}"]["test/balanced_acc"],
-            "bal_acc_final": summary["final"]["test/balanced_acc"],
-            "tail_recall_median": median_of_last(tail_hist, n),
-            "tail_recall_final": tail_hist[-1], "evaluations": len(recalls),
-            "summary_last": n, "tail_classes": tail, "labeled_counts": counts,
-            "commit": meta.get("git_commit", "unknown") + ("+dirty" if meta.get("git_dirty") else ""),
-            "trainer": meta["trainer"], "run_dir": str(run_dir)}
-
-
 def records_from_runs(dirs: list[Path], rows: dict[str, Row]) -> list[dict]:
-    """Finished run folders under ``dirs``: one record per (row, seed), the first found."""
-    found: dict[tuple[str, int], dict] = {}
-    for d in map(Path, dirs):
-        for run_dir in sorted(d.iterdir()) if d.is_dir() else ():
-            rec = record_from_run_dir(run_dir, rows) if run_dir.is_dir() else None
-            if rec is not None:
-                found.setdefault((rec["method"], rec["seed"]), rec)
-    return list(found.values())
+    """Finished ``<row>-seed<k>`` run folders under ``dirs``: one record per (row, seed)."""
+    return bench.records_from_runs(dirs, rows)
 
 
 # ----------------------------------------------------------------------------- table

@@ -60,50 +60,21 @@ def job_overrides(args, row: str, switches: dict[str, object], seed: int) -> lis
             *[f"algorithm.{k}={_hydra(v)}" for k, v in switches.items()]]
 
 
-def record_from_run_dir(run_dir: Path, rows: dict) -> dict | None:
-    """The record run_one would return, rebuilt from a finished run folder named
-    <row>-seed<k> (summary.json, meta.json, per_class.csv, config.yaml); None otherwise."""
-    import numpy as np
+def ran_the_row(rows: dict):
+    """A check for ``bench.records_from_runs``: the folder's config has the row's switches."""
     from omegaconf import OmegaConf
 
-    from imbssl.diagnostics.metrics import median_of_last
-
-    row, _, seed = run_dir.name.rpartition("-seed")
-    summary_path = run_dir / "summary.json"
-    if row not in rows or not seed.isdigit() or not summary_path.is_file():
-        return None
-    summary = json.loads(summary_path.read_text())
-    if summary.get("status") != "finished":
-        return None
-    meta = json.loads((run_dir / "meta.json").read_text())
-    algo = OmegaConf.load(run_dir / "config.yaml").algorithm
-    for key, value in rows[row][1].items():  # the folder really ran the row's switch
-        if algo[key] != value:
-            raise ValueError(f"{run_dir}: algorithm.{key}={algo[key]}, row {row} needs {value}")
-    counts = meta["labeled_counts"]
-    recalls = bench.read_test_recalls(run_dir, len(counts))
-    tail = bench.tail_classes(counts)
-    tail_hist = [float(np.mean([r[c] for c in tail])) for _, r in recalls]
-    n = int(summary["summary_last"])
-    return {"method": row, "seed": int(seed),
-            "bal_acc_median": summary[f"median_last{n}"]["test/balanced_acc"],
-            "bal_acc_final": summary["final"]["test/balanced_acc"],
-            "tail_recall_median": median_of_last(tail_hist, n),
-            "tail_recall_final": tail_hist[-1], "evaluations": len(recalls),
-            "summary_last": n, "tail_classes": tail, "labeled_counts": counts,
-            "final_step": recalls[-1][0], "trainer": meta["trainer"],
-            "seconds": float("nan"), "run_dir": str(run_dir)}
+    def check(run_dir: Path, row: str) -> None:
+        algo = OmegaConf.load(run_dir / "config.yaml").algorithm
+        for key, value in rows[row][1].items():
+            if algo[key] != value:
+                raise ValueError(f"{run_dir}: algorithm.{key}={algo[key]}, row {row} needs {value}")
+    return check
 
 
 def records_from_runs(dirs: list[str], rows: dict) -> list[dict]:
     """Finished run folders under dirs, one record per (row, seed) (the first one found)."""
-    records: dict[tuple[str, int], dict] = {}
-    for d in dirs:
-        for run_dir in sorted(Path(d).iterdir()) if Path(d).is_dir() else ():
-            rec = record_from_run_dir(run_dir, rows) if run_dir.is_dir() else None
-            if rec is not None:
-                records.setdefault((rec["method"], rec["seed"]), rec)
-    return list(records.values())
+    return bench.records_from_runs(dirs, rows, check=ran_the_row(rows))
 
 
 def error_cell(values: list[float]) -> str:

@@ -85,6 +85,23 @@ class Config:
     notes: dict = field(default_factory=dict)
 
 
+def experiment_generator(stem: str):
+    """The generator script ``configs/experiment/<stem>.py`` as a module (its ``rows()`` and
+    ``main(argv)``: ``main(["--check"])`` is 0 when the files on disk are what it writes)."""
+    import importlib.util
+    import sys
+
+    path = CONFIG_DIR / "experiment" / f"{stem}.py"
+    spec = importlib.util.spec_from_file_location(f"imbssl_experiment_{stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in the script look their module up
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
 def register_configs() -> None:
     """Store every schema in Hydra's ConfigStore (idempotent)."""
     from imbssl.algorithms import registry

@@ -19,6 +19,7 @@ from imbssl.algorithms.abc import (
     bernoulli_mask,
     gradual_parameter,
 )
+from imbssl.engine.config import experiment_generator
 from imbssl.models.base import ModelOutput
 from imbssl.pseudo import IdentityRefiner
 
@@ -191,20 +192,7 @@ def test_digits_lt_cli_run(tmp_path, pseudo):
 # ----------------------------------------------------------------------------- experiment files
 
 def comparators_generator():
-    """configs/experiment/_generate_comparators_b.py as a module."""
-    import importlib.util
-
-    from imbssl.cli import CONFIG_DIR
-
-    path = Path(CONFIG_DIR) / "experiment" / "_generate_comparators_b.py"
-    spec = importlib.util.spec_from_file_location("comparators_b_generate", path)
-    gen = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = gen
-    try:
-        spec.loader.exec_module(gen)
-    finally:
-        del sys.modules[spec.name]
-    return gen
+    return experiment_generator("_generate_comparators_b")
 
 
 def test_abc_and_acr_rows_are_generated_and_compose():

@@ -21,6 +21,7 @@ from imbssl.algorithms.crest import (
 )
 from imbssl.cli import CONFIG_DIR
 from imbssl.engine.checkpoint import state_differences
+from imbssl.engine.config import experiment_generator
 from imbssl.engine.trainer import Trainer
 from imbssl.errors import UserError
 
@@ -166,22 +167,7 @@ def test_a_new_generation_restarts_network_and_schedule(tiny_cfg):
 
 
 def comparators_generator():
-    """configs/experiment/_generate_comparators_c.py as a module."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    from imbssl.cli import CONFIG_DIR
-
-    path = Path(CONFIG_DIR) / "experiment" / "_generate_comparators_c.py"
-    spec = importlib.util.spec_from_file_location("comparators_c_generate", path)
-    gen = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = gen
-    try:
-        spec.loader.exec_module(gen)
-    finally:
-        del sys.modules[spec.name]
-    return gen
+    return experiment_generator("_generate_comparators_c")
 
 
 def test_crest_and_crt_rows_are_generated_and_compose():

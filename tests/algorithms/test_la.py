@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from imbssl.algorithms import StepState, get_algorithm
 from imbssl.algorithms.base import logit_adjustment
+from imbssl.engine.config import experiment_generator
 from imbssl.errors import UserError
 
 from .conftest import BATCH, make_batch, make_setup
@@ -104,22 +105,7 @@ def test_digits_runs_with_la(tmp_path, overrides):
 # ----------------------------------------------------------------------------- experiment files
 
 def comparators_generator():
-    """configs/experiment/_generate_comparators_a.py as a module."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    from imbssl.cli import CONFIG_DIR
-
-    path = Path(CONFIG_DIR) / "experiment" / "_generate_comparators_a.py"
-    spec = importlib.util.spec_from_file_location("comparators_a_generate", path)
-    gen = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = gen
-    try:
-        spec.loader.exec_module(gen)
-    finally:
-        del sys.modules[spec.name]
-    return gen
+    return experiment_generator("_generate_comparators_a")
 
 
 def expected_comparator_rows() -> set[str]:

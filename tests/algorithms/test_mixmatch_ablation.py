@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from imbssl.algorithms import StepState, ops
 from imbssl.algorithms.mixmatch import MIXUP_MODES, mix_batches
+from imbssl.engine.config import experiment_generator
 from imbssl.errors import UserError
 
 from .conftest import NUM_CLASSES, StubRefiner, make_batch, make_setup, train_steps
@@ -153,21 +153,7 @@ def test_bad_switch_is_a_user_error(key, value):
 # ----------------------------------------------------------------------------- experiment files
 
 def ablation_generator():
-    """configs/experiment/_generate_mixmatch_ablation.py as a module."""
-    import importlib.util
-    import sys
-
-    from imbssl.cli import CONFIG_DIR
-
-    path = Path(CONFIG_DIR) / "experiment" / "_generate_mixmatch_ablation.py"
-    spec = importlib.util.spec_from_file_location("mixmatch_ablation_generate", path)
-    gen = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = gen
-    try:
-        spec.loader.exec_module(gen)
-    finally:
-        del sys.modules[spec.name]
-    return gen
+    return experiment_generator("_generate_mixmatch_ablation")
 
 
 SWITCHES = {"full": {}, "k1": {"num_views": 1}, "k3": {"num_views": 3}, "k4": {"num_views": 4},

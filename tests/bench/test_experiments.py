@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from imbssl.cli import CONFIG_DIR, compose
+from imbssl.engine.config import experiment_generator
 
 EXPERIMENTS = Path(CONFIG_DIR) / "experiment"
 ROW = re.compile(r"^(?P<ds>cifar10|cifar100|stl10)_lt_g(?P<g>\d+)_n(?P<n1>\d+)"
@@ -34,14 +35,7 @@ def expected_rows() -> set[str]:
 
 def _rows_of(script: Path) -> set[str]:
     """The row names a generator script writes (its ``rows()``)."""
-    spec = importlib.util.spec_from_file_location(f"rows_of_{script.stem}", script)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        del sys.modules[spec.name]
-    return set(mod.rows())
+    return set(experiment_generator(script.stem).rows())
 
 
 def row_files() -> list[Path]:
