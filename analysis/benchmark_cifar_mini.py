@@ -351,6 +351,48 @@ def main_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def paired_gains(records: list[dict], key: str) -> dict[tuple[str, str, str], list[float]]:
+    """(setting, algorithm, recipe) -> per-seed ``key`` of algorithm+daso minus algorithm, for
+    the seeds that have both runs."""
+    by = {(r["setting"], r["method"], r.get("recipe"), r["seed"]): r for r in records}
+    gains: dict[tuple[str, str, str], list[float]] = {}
+    for (setting, method, recipe, seed), r in sorted(by.items(), key=lambda kv: str(kv[0])):
+        base = by.get((setting, method.removesuffix("+daso"), recipe, seed))
+        if not method.endswith("+daso") or base is None:
+            continue
+        if r.get(key) is None or base.get(key) is None:
+            continue
+        gains.setdefault((setting, method.removesuffix("+daso"), recipe), []).append(
+            r[key] - base[key])
+    return gains
+
+
+GAIN_COLUMNS = [("bal_acc_median", "bal. acc. (median)"), ("tail_recall_final", "tail recall (final)"),
+                (f"bal_acc_at_{WARMUP_STEP}", f"bal. acc. at {WARMUP_STEP}")]
+
+
+def gains_table(records: list[dict]) -> list[str]:
+    """+DASO minus the same algorithm, paired by seed: mean ± std and how many seeds gain."""
+    per_column = {key: paired_gains(records, key) for key, _ in GAIN_COLUMNS}
+    keys = sorted(per_column["bal_acc_median"],
+                  key=lambda k: (SETTING_ORDER.index(k[0]) if k[0] in SETTING_ORDER else -1, k))
+    if not keys:
+        return []
+    lines = ["| setting | algorithm | seeds | " + " | ".join(
+        f"Δ {title} | seeds with Δ > 0" for _, title in GAIN_COLUMNS) + " |",
+             "|---|---|---|" + "---|---|" * len(GAIN_COLUMNS)]
+    for key in keys:
+        setting, algo, recipe = key
+        shown = algo if recipe in (None, "daso_official") else f"{algo} [{recipe}]"
+        cells = []
+        for column, _ in GAIN_COLUMNS:
+            deltas = per_column[column].get(key, [])
+            cells += [fmt(deltas), f"{sum(d > 0 for d in deltas)} of {len(deltas)}"]
+        lines.append(f"| {setting} | {shown} | {len(per_column['bal_acc_median'][key])} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
 def per_class_table(records: list[dict], field: str) -> list[str]:
     """Mean over seeds of a per-class list field, one row per (setting, method)."""
     k = max((len(r.get(field) or []) for r in records), default=0)
@@ -412,6 +454,11 @@ def render_markdown(records: list[dict], missing: list[Job], sources: list[Path]
            "scale (0.8% of the paper's 250k iterations, a 16x smaller network): it is not "
            "comparable with the paper's numbers.", ""]
     out += main_table(records) + [""]
+    gains = gains_table(records)
+    if gains:
+        out += ["## DASO minus the same algorithm without it, paired by seed (points)", "",
+                "Each seed's +DASO run minus the run without DASO on the same split and seed; "
+                "mean ± sample std over those differences.", ""] + gains + [""]
     for field, title in [("test_recall", "Test recall per class (final), %")] + [
             (f"pseudo_{k}_{m}", f"Pseudo-label {m} per class, {k} (last 100 iterations), %")
             for k in PSEUDO_KINDS for m in ("recall", "precision")]:

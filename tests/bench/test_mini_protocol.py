@@ -235,3 +235,22 @@ def test_select_jobs_by_name():
     assert bench.select_jobs(jobs, []) == jobs
     with pytest.raises(SystemExit, match="matches no job"):
         bench.select_jobs(jobs, ["no-such-run"])
+
+
+def test_daso_gains_are_paired_by_seed(runs, tmp_path):
+    make_run(runs, "b-seed1", method="fixmatch+daso", setting="uniform", seed=1, bal=0.55,
+             final=0.56, recall=[0.9] * 7 + [0.6, 0.7, 0.8])
+    # a +DASO run whose seed has no run without DASO is left out of the pairs
+    make_run(runs, "b-seed7", method="fixmatch+daso", setting="uniform", seed=7, bal=0.99,
+             final=0.99, recall=[0.9] * 10)
+    recs = bench.read_records(runs)
+    gains = bench.paired_gains(recs, "bal_acc_median")
+    assert gains == {("uniform", "fixmatch", "daso_official"): pytest.approx([0.20, -0.05])}
+    # tail recall: seed 0 0.2 - 0.2, seed 1 0.7 - 0.4
+    tail = bench.paired_gains(recs, "tail_recall_final")[("uniform", "fixmatch", "daso_official")]
+    assert tail == pytest.approx([0.0, 0.3])
+    table = "\n".join(bench.gains_table(recs))
+    # (20 - 5) / 2 = 7.50, sample std of (20, -5) = 17.68; one of two seeds gains
+    assert "| uniform | fixmatch | 2 | 7.50 ± 17.68 | 1 of 2 | 15.00 ± 21.21 | 1 of 2 |" in table
+    bench.write_outputs(recs, [], tmp_path / "out", "t")
+    assert "paired by seed" in (tmp_path / "out" / "t.md").read_text()
