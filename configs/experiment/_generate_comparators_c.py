@@ -11,10 +11,17 @@ Values: official configs/{cifar10,cifar100,stl10}/fixmatch_crest.yaml and DASO A
 * FixMatch w/ CReST+ (``algorithm=crest_plus``): Table 1 (CIFAR-10-LT gamma 100 / 150,
   CIFAR-100-LT gamma 10 / 20), Table 2 (mismatched CIFAR-10-LT, STL-10-LT).
 * FixMatch + LA w/ CReST+ (``algorithm=crest_plus algorithm.logit_adjust=loss``, official
-  fm_crest.py with ALGORITHM.LOGIT_ADJUST, tau 1): Table 1, every setting.
+  fm_crest.py with ALGORITHM.LOGIT_ADJUST, tau 1): Table 1, every setting (Table 14 repeats
+  the N1 1500 / 150 ones).
+* FixMatch w/ LA (inf) + CReST+ (``algorithm.logit_adjust=posthoc``): Table 14 (CIFAR-10-LT
+  N1 1500 gamma 100 / 150, CIFAR-100-LT N1 150 gamma 10 / 20; the table's header prints
+  "N1 = 50, M1 = 300" for CIFAR-100-LT, but its LA and LA + CReST+ values are Table 1's N1 150
+  ones, so the rows take N1 150 as _generate_comparators_a.py's Table 14 rows do).
 * ReMixMatch w/ CReST+ (``algorithm=crest_plus algorithm.base=remixmatch``, official
-  rm_crest.py / configs/cifar10/remixmatch_crest.yaml): Table 13, the CIFAR settings of its
-  ReMixMatch w/ DARP rows (CIFAR-10-LT N1 500 gamma 100 / 150, CIFAR-100-LT N1 50 gamma 10 / 20).
+  rm_crest.py / configs/cifar10/remixmatch_crest.yaml): Table 13 (CIFAR-10-LT N1 500 gamma
+  100 / 150, CIFAR-100-LT N1 50 gamma 10 / 20, STL-10-LT N1 150 gamma_l 10 / 20). As for
+  FixMatch, the official STL-10 config (configs/stl10/remixmatch_crest.yaml) turns the
+  alignment off; CReST+'s progressive alignment needs it, so these rows keep it on.
 * FixMatch w/ CReST (``algorithm=crest``, no distribution alignment): Table 2 and Table 11
   (CIFAR-10-LT gamma 100, CIFAR-100-LT gamma 10, STL-10-LT gamma_l 10); STL-10 gamma_l 20 from
   Table 2. The official STL-10 config turns the alignment off even for CReST+; the paper
@@ -24,9 +31,7 @@ Values: official configs/{cifar10,cifar100,stl10}/fixmatch_crest.yaml and DASO A
   ``runs/<setting>_supervised-seed<seed>`` (that row is written by _generate_comparators_a.py;
   train it first, same seed). The re-training length is the protocol's (the official cRT takes
   SOLVER.MAX_ITER of the base config).
-* FixMatch w/ DARP + cRT (``algorithm=crt``): Table 1, every setting, re-training the
-  classifier of the finished row ``runs/<setting>_fixmatch_darp-seed<seed>`` (written by
-  _generate_comparators_a.py; train it first, same seed).
+The paper has no "w/ DARP + cRT" row (cRT appears only as "Supervised w/ cRT", Table 11).
 
 CIFAR-100-LT gamma 20 (Table 1) is not a setting of _generate.py; it is defined here as in
 _generate_comparators_a.py.
@@ -65,9 +70,13 @@ def _settings() -> list:
     return [*base.settings(), *extra]
 
 
-# Table 13's CIFAR settings (those of its ReMixMatch w/ DARP rows)
 TABLE13 = ("cifar10_lt_g100_n500", "cifar10_lt_g150_n500", "cifar100_lt_g10_n50",
-           "cifar100_lt_g20_n50")
+           "cifar100_lt_g20_n50", "stl10_lt_g10_n150", "stl10_lt_g20_n150")
+TABLE14 = ("cifar10_lt_g100_n1500", "cifar10_lt_g150_n1500", "cifar100_lt_g10_n150",
+           "cifar100_lt_g20_n150")
+LA_MODES = {"loss": ("la", "FixMatch + LA w/ CReST+", "Table 1", "train time"),
+            "posthoc": ("lainf", "FixMatch w/ LA (inf) + CReST+", "Table 14",
+                        "at inference: the paper's LA (inf)")}
 
 
 def _dataset_lines(s) -> list[str]:
@@ -106,13 +115,13 @@ def render_crest(s, plus: bool) -> tuple[str, str]:
     return name, "\n".join(lines) + "\n"
 
 
-def render_la_crest(s) -> tuple[str, str]:
-    name = f"{s.name}_fixmatch_la_crest_plus"
-    lines = [*_head(s, "FixMatch + LA w/ CReST+", "crest_plus", "none", "Table 1"),
-             "algorithm:",
+def render_la_crest(s, mode: str) -> tuple[str, str]:
+    tag, label, table, where = LA_MODES[mode]
+    name = f"{s.name}_fixmatch_{tag}_crest_plus"
+    lines = [*_head(s, label, "crest_plus", "none", table), "algorithm:",
              "  uratio: 2  # official fixmatch_crest.yaml SOLVER.UNLABELED_BATCH_RATIO",
              "  generations: 5  # official MAX_ITER 250000 / GEN_PERIOD_STEPS 50000",
-             "  logit_adjust: loss  # official ALGORITHM.LOGIT_ADJUST.APPLY (train time)",
+             f"  logit_adjust: {mode}  # official ALGORITHM.LOGIT_ADJUST ({where})",
              "  la_tau: 1.0  # official ALGORITHM.LOGIT_ADJUST.TAU",
              *_tail(name)]
     return name, "\n".join(lines) + "\n"
@@ -130,11 +139,10 @@ def render_remixmatch_crest(s) -> tuple[str, str]:
     return name, "\n".join(lines) + "\n"
 
 
-def render_crt(s, ssl_row: str = "supervised", label: str = "Supervised w/ cRT",
-               table: str = "Table 11") -> tuple[str, str]:
-    ssl = f"{s.name}_{ssl_row}"
+def render_crt(s) -> tuple[str, str]:
+    ssl = f"{s.name}_supervised"
     name = f"{ssl}_crt"
-    lines = [*_head(s, label, "crt", "none", table), "algorithm:",
+    lines = [*_head(s, "Supervised w/ cRT", "crt", "none", "Table 11"), "algorithm:",
              f"  init_from: runs/{ssl}-seed${{seed}}  # the finished row {ssl} (same seed)",
              *_tail(name)]
     return name, "\n".join(lines) + "\n"
@@ -159,10 +167,11 @@ def rows() -> dict[str, str]:
             name, text = render_crt(s)
             out[name] = text
         if s.matched and s.dataset != "stl10":  # Table 1
-            for render in (render_la_crest, lambda s: render_crt(
-                    s, "fixmatch_darp", "FixMatch w/ DARP + cRT", "Table 1")):
-                name, text = render(s)
-                out[name] = text
+            name, text = render_la_crest(s, "loss")
+            out[name] = text
+        if s.name in TABLE14:
+            name, text = render_la_crest(s, "posthoc")
+            out[name] = text
         if s.name in TABLE13:
             name, text = render_remixmatch_crest(s)
             out[name] = text
