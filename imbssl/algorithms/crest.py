@@ -190,8 +190,8 @@ class CReST(Generations, FixMatch):
 
     Config = CReSTConfig
 
-    def __new__(cls, cfg: CReSTConfig, *args, **kwargs):
-        if getattr(cfg, "base", "fixmatch") == "remixmatch":
+    def __new__(cls, cfg: CReSTConfig | None = None, *args, **kwargs):
+        if getattr(cfg, "base", "fixmatch") == "remixmatch":  # cfg None: copy / unpickle
             algo = ReMixMatchCReST(cfg, *args, **kwargs)
             algo.registered_name = cls.registered_name
             return algo  # not a CReST: Python skips CReST.__init__
