@@ -9,7 +9,9 @@ Rows, on the settings of configs/experiment/_generate.py (same dataset values, W
 
 * ``<setting>_fixmatch_abc`` and ``<setting>_fixmatch_abc_daso``: the DASO paper's
   "FixMatch + ABC" and "w/ DASO" rows (Oh et al., CVPR 2022, Table 1: CIFAR-10-LT with
-  gamma_l = gamma_u in {100, 150} and CIFAR-100-LT, gamma 10; official code
+  gamma_l = gamma_u in {100, 150} and CIFAR-100-LT, gamma 10 and 20 (the latter defined here,
+  M1 as in _generate_comparators_a.py); Table 12: STL-10-LT, gamma_l 10 / 20, N1 150 / 450;
+  official code
   lib/algorithm/fm_abc.py and lib/models/daso_model.py with ALGORITHM.ABC.APPLY). The
   algorithm values are the FixMatch rows' (mu 2, no distribution alignment), the DASO values
   the FixMatch + DASO rows' (T_dist per setting, warm-up 5000).
@@ -21,6 +23,7 @@ Rows, on the settings of configs/experiment/_generate.py (same dataset values, W
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -46,7 +49,22 @@ def _base():
 BASE = _base()
 
 
+def abc_settings() -> list:
+    """Table 1's settings (CIFAR-100-LT gamma 20 added) and Table 12's (STL-10-LT)."""
+    table1 = [s for s in BASE.settings() if s.table == ABC_SETTINGS_TABLE]
+    table1 += [BASE.Setting("cifar100_lt", "cifar100_lt", ABC_SETTINGS_TABLE, n1, m1, 20, 20)
+               for n1, m1 in ((50, 400), (150, 300))]
+    stl = [dataclasses.replace(s, table="Table 12") for s in BASE.settings()
+           if s.dataset == "stl10"]
+    return table1 + stl
+
+
 def _dataset_lines(s) -> list[str]:
+    if s.dataset == "stl10":
+        lines = ["dataset:", f"  n1: {s.n1}", f"  gamma_l: {s.gamma_l}"]
+        if s.num_valid_per_class is not None:
+            lines.append(f"  num_valid_per_class: {s.num_valid_per_class}")
+        return lines
     return ["dataset:", f"  n1: {s.n1}", f"  m1: {s.m1}", f"  gamma_l: {s.gamma_l}",
             f"  gamma_u: {s.gamma_u}", f"  reverse_unlabeled: {'true' if s.reversed else 'false'}"]
 
@@ -86,9 +104,8 @@ def rows() -> dict[str, str]:
     """{file stem: YAML text} of every ABC and ACR row."""
     cifar = [s for s in BASE.settings() if s.dataset in ("cifar10_lt", "cifar100_lt")]
     out = {}
-    for s in cifar:
-        if s.table == ABC_SETTINGS_TABLE:
-            out.update(render_abc(s, daso) for daso in (False, True))
+    for s in abc_settings():
+        out.update(render_abc(s, daso) for daso in (False, True))
     out.update(render_acr(s) for s in cifar)
     return out
 

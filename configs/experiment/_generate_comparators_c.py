@@ -9,7 +9,19 @@ Values: official configs/{cifar10,cifar100,stl10}/fixmatch_crest.yaml and DASO A
 (5 generations of 50k steps, alpha = 1/3 i.e. official ALPHA 3, t_min 0.5).
 
 * FixMatch w/ CReST+ (``algorithm=crest_plus``): Table 1 (CIFAR-10-LT gamma 100 / 150,
-  CIFAR-100-LT gamma 10), Table 2 (mismatched CIFAR-10-LT, STL-10-LT).
+  CIFAR-100-LT gamma 10 / 20), Table 2 (mismatched CIFAR-10-LT, STL-10-LT).
+* FixMatch + LA w/ CReST+ (``algorithm=crest_plus algorithm.logit_adjust=loss``, official
+  fm_crest.py with ALGORITHM.LOGIT_ADJUST, tau 1): Table 1, every setting (Table 14 repeats
+  the N1 1500 / 150 ones).
+* FixMatch w/ LA (inf) + CReST+ (``algorithm.logit_adjust=posthoc``): Table 14 (CIFAR-10-LT
+  N1 1500 gamma 100 / 150, CIFAR-100-LT N1 150 gamma 10 / 20; the table's header prints
+  "N1 = 50, M1 = 300" for CIFAR-100-LT, but its LA and LA + CReST+ values are Table 1's N1 150
+  ones, so the rows take N1 150 as _generate_comparators_a.py's Table 14 rows do).
+* ReMixMatch w/ CReST+ (``algorithm=crest_plus algorithm.base=remixmatch``, official
+  rm_crest.py / configs/cifar10/remixmatch_crest.yaml): Table 13 (CIFAR-10-LT N1 500 gamma
+  100 / 150, CIFAR-100-LT N1 50 gamma 10 / 20, STL-10-LT N1 150 gamma_l 10 / 20). As for
+  FixMatch, the official STL-10 config (configs/stl10/remixmatch_crest.yaml) turns the
+  alignment off; CReST+'s progressive alignment needs it, so these rows keep it on.
 * FixMatch w/ CReST (``algorithm=crest``, no distribution alignment): Table 2 and Table 11
   (CIFAR-10-LT gamma 100, CIFAR-100-LT gamma 10, STL-10-LT gamma_l 10); STL-10 gamma_l 20 from
   Table 2. The official STL-10 config turns the alignment off even for CReST+; the paper
@@ -19,10 +31,10 @@ Values: official configs/{cifar10,cifar100,stl10}/fixmatch_crest.yaml and DASO A
   ``runs/<setting>_supervised-seed<seed>`` (that row is written by _generate_comparators_a.py;
   train it first, same seed). The re-training length is the protocol's (the official cRT takes
   SOLVER.MAX_ITER of the base config).
+The paper has no "w/ DARP + cRT" row (cRT appears only as "Supervised w/ cRT", Table 11).
 
-Not here: "FixMatch + LA w/ CReST+" (Table 1, Table 14: needs LA), ReMixMatch w/ CReST+
-(Table 13: ``algorithm.base=remixmatch`` is not implemented), CIFAR-100-LT gamma 20 (not in
-_generate.py's settings).
+CIFAR-100-LT gamma 20 (Table 1) is not a setting of _generate.py; it is defined here as in
+_generate_comparators_a.py.
 """
 from __future__ import annotations
 
@@ -49,6 +61,22 @@ def _base():
 
 
 base = _base()
+
+
+def _settings() -> list:
+    """_generate.py's settings plus CIFAR-100-LT gamma 20 (Table 1; M1 as in _a)."""
+    extra = [base.Setting("cifar100_lt", "cifar100_lt", "Table 1", n1, m1, 20, 20)
+             for n1, m1 in ((50, 400), (150, 300))]
+    return [*base.settings(), *extra]
+
+
+TABLE13 = ("cifar10_lt_g100_n500", "cifar10_lt_g150_n500", "cifar100_lt_g10_n50",
+           "cifar100_lt_g20_n50", "stl10_lt_g10_n150", "stl10_lt_g20_n150")
+TABLE14 = ("cifar10_lt_g100_n1500", "cifar10_lt_g150_n1500", "cifar100_lt_g10_n150",
+           "cifar100_lt_g20_n150")
+LA_MODES = {"loss": ("la", "FixMatch + LA w/ CReST+", "Table 1", "train time"),
+            "posthoc": ("lainf", "FixMatch w/ LA (inf) + CReST+", "Table 14",
+                        "at inference: the paper's LA (inf)")}
 
 
 def _dataset_lines(s) -> list[str]:
@@ -87,6 +115,30 @@ def render_crest(s, plus: bool) -> tuple[str, str]:
     return name, "\n".join(lines) + "\n"
 
 
+def render_la_crest(s, mode: str) -> tuple[str, str]:
+    tag, label, table, where = LA_MODES[mode]
+    name = f"{s.name}_fixmatch_{tag}_crest_plus"
+    lines = [*_head(s, label, "crest_plus", "none", table), "algorithm:",
+             "  uratio: 2  # official fixmatch_crest.yaml SOLVER.UNLABELED_BATCH_RATIO",
+             "  generations: 5  # official MAX_ITER 250000 / GEN_PERIOD_STEPS 50000",
+             f"  logit_adjust: {mode}  # official ALGORITHM.LOGIT_ADJUST ({where})",
+             "  la_tau: 1.0  # official ALGORITHM.LOGIT_ADJUST.TAU",
+             *_tail(name)]
+    return name, "\n".join(lines) + "\n"
+
+
+def render_remixmatch_crest(s) -> tuple[str, str]:
+    name = f"{s.name}_remixmatch_crest_plus"
+    lines = [*_head(s, "ReMixMatch w/ CReST+", "crest_plus", "none", "Table 13"), "algorithm:",
+             "  base: remixmatch  # official rm_crest.py (ReMixMatchCReST)",
+             "  uratio: 1  # official remixmatch_crest.yaml: default UNLABELED_BATCH_RATIO 1",
+             "  lambda_u: 1.5  # official remixmatch_crest.yaml UNLABELED_LOSS_WEIGHT",
+             "  dist_align: labeled  # official remixmatch_crest.yaml DIST_ALIGN.APPLY True",
+             "  generations: 5  # official MAX_ITER 250000 / GEN_PERIOD_STEPS 50000",
+             *_tail(name)]
+    return name, "\n".join(lines) + "\n"
+
+
 def render_crt(s) -> tuple[str, str]:
     ssl = f"{s.name}_supervised"
     name = f"{ssl}_crt"
@@ -106,13 +158,22 @@ def in_table11(s) -> bool:
 def rows() -> dict[str, str]:
     """{file stem: YAML text} of every CReST / CReST+ / cRT row."""
     out = {}
-    for s in base.settings():
+    for s in _settings():
         crest = not s.matched or in_table11(s)  # Table 2 (all mismatched) or Table 11
         for plus in ((False, True) if crest else (True,)):
             name, text = render_crest(s, plus)
             out[name] = text
         if in_table11(s):  # its Supervised row is _generate_comparators_a.py's
             name, text = render_crt(s)
+            out[name] = text
+        if s.matched and s.dataset != "stl10":  # Table 1
+            name, text = render_la_crest(s, "loss")
+            out[name] = text
+        if s.name in TABLE14:
+            name, text = render_la_crest(s, "posthoc")
+            out[name] = text
+        if s.name in TABLE13:
+            name, text = render_remixmatch_crest(s)
             out[name] = text
     return out
 

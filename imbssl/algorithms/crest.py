@@ -16,6 +16,12 @@ paper's alpha = 1/3. Each generation restarts network, EMA, optimizer and schedu
 CReST+ adds progressive distribution alignment (CReST Sec. 3.3): the alignment target is the
 labeled distribution tempered by t, p(y)^t / sum p(y)^t, with t going linearly from 1 in the
 first generation to ``t_min`` in the last (official ``gradual_temp``).
+
+The learner of each generation is FixMatch (``algorithm.base=fixmatch``, official
+``fm_crest.py``) or ReMixMatch (``algorithm.base=remixmatch``, official ``rm_crest.py``): the
+same selection and restarts; ReMixMatch's own distribution alignment takes the tempered target
+(official ``dist_align(p, temperature=gradual_temp)``) and its consistency ramp-up restarts with
+each generation (official ``cons_rampup_func``: the step within the generation).
 """
 from __future__ import annotations
 
@@ -27,7 +33,11 @@ from torch import Tensor
 from imbssl.algorithms import register
 from imbssl.algorithms.base import Batch, LabeledSetUpdate, StepState
 from imbssl.algorithms.fixmatch import FixMatch, FixMatchConfig
+from imbssl.algorithms.ops import linear_rampup
+from imbssl.algorithms.remixmatch import ReMixMatch, ReMixMatchConfig
 from imbssl.errors import UserError
+
+BASES = ("fixmatch", "remixmatch")
 
 
 @dataclass
@@ -38,6 +48,13 @@ class CReSTConfig(FixMatchConfig):
     alpha: float = 3.0  # official ALPHA (exponent 1/alpha; CReST paper's alpha = 1/3)
     progressive_align: bool = False  # CReST+ only (official PROGRESSIVE_ALIGN)
     t_min: float = 0.5  # official TMIN; CReST paper Sec. 3.3 (CIFAR-10-LT)
+    # ReMixMatch's own values, used with base=remixmatch (official remixmatch_crest.yaml)
+    temperature: float = ReMixMatchConfig.temperature
+    mixup_alpha: float = ReMixMatchConfig.mixup_alpha
+    lambda_kl: float = ReMixMatchConfig.lambda_kl
+    lambda_rot: float = ReMixMatchConfig.lambda_rot
+    rampup_ratio: float = ReMixMatchConfig.rampup_ratio  # of each generation (official)
+    passes: str = ReMixMatchConfig.passes
 
 
 @dataclass
@@ -95,30 +112,29 @@ def gradual_temperature(gen: int, generations: int, t_min: float) -> float:
     return 1.0 - f + f * t_min
 
 
-@register("crest")
-class CReST(FixMatch):
-    """FixMatch whose labeled set grows, class-rebalanced, between generations."""
+def check_crest_config(cfg: CReSTConfig) -> None:
+    """One-line errors for CReST settings that make no sense."""
+    if cfg.base == "supervised":
+        raise UserError("CReST self-trains on pseudo-labels of the unlabeled set, which the "
+                        "supervised baseline does not use; use algorithm.base=fixmatch")
+    if cfg.base not in BASES:
+        raise UserError(f"algorithm.base={cfg.base} is not available for CReST; use one of "
+                        f"{BASES}")
+    if cfg.generations < 1:
+        raise UserError(f"algorithm.generations={cfg.generations} must be >= 1")
+    if cfg.alpha <= 0:
+        raise UserError(f"algorithm.alpha={cfg.alpha} must be > 0 (official ALPHA: 3)")
+    if cfg.progressive_align and cfg.dist_align != "labeled":
+        raise UserError("algorithm.progressive_align=true tempers the labeled distribution "
+                        "as the alignment target; set algorithm.dist_align=labeled")
 
-    Config = CReSTConfig
 
-    def __init__(self, cfg: CReSTConfig, num_classes: int, feat_dim: int,
-                 labeled_labels: Tensor, refiner=None):
-        if cfg.base == "supervised":
-            raise UserError("CReST self-trains on pseudo-labels of the unlabeled set, which the "
-                            "supervised baseline does not use; use algorithm.base=fixmatch")
-        if cfg.base != "fixmatch":
-            raise UserError(f"algorithm.base={cfg.base} is not available for CReST; use "
-                            "algorithm.base=fixmatch")
-        if cfg.generations < 1:
-            raise UserError(f"algorithm.generations={cfg.generations} must be >= 1")
-        if cfg.alpha <= 0:
-            raise UserError(f"algorithm.alpha={cfg.alpha} must be > 0 (official ALPHA: 3)")
-        if cfg.progressive_align and cfg.dist_align != "labeled":
-            raise UserError("algorithm.progressive_align=true tempers the labeled distribution "
-                            "as the alignment target; set algorithm.dist_align=labeled")
-        super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
-        counts = torch.bincount(labeled_labels.long().cpu(), minlength=num_classes)
-        self.register_buffer("selection_rate", selection_rates(counts, cfg.alpha),
+class Generations:
+    """The CReST hooks, mixed into the learner of each generation (FixMatch or ReMixMatch)."""
+
+    def _init_generations(self, labeled_labels: Tensor) -> None:
+        counts = torch.bincount(labeled_labels.long().cpu(), minlength=self.num_classes)
+        self.register_buffer("selection_rate", selection_rates(counts, self.cfg.alpha),
                              persistent=False)
 
     def phase(self, step: int, total: int) -> tuple[int, int]:
@@ -147,6 +163,51 @@ class CReST(FixMatch):
         logs["crest/generation"] = torch.tensor(float(gen + 1), device=device)
         logs["crest/da_temperature"] = torch.tensor(temperature, device=device)
         return loss, logs
+
+
+class ReMixMatchCReST(Generations, ReMixMatch):
+    """ReMixMatch as the learner of each CReST generation (official ``rm_crest.py``); built by
+    ``CReST`` when ``algorithm.base=remixmatch``."""
+
+    Config = CReSTConfig
+
+    def __init__(self, cfg: CReSTConfig, num_classes: int, feat_dim: int,
+                 labeled_labels: Tensor, refiner=None):
+        check_crest_config(cfg)
+        super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
+        self._init_generations(labeled_labels)
+
+    def consistency_ramp(self, state: StepState) -> float:
+        """The ramp-up restarts with each generation (official ``cons_rampup_func``)."""
+        phase_step, phase_total = self.phase(state.step, state.total_steps)
+        return linear_rampup(phase_step, phase_total, self.cfg.rampup_ratio)
+
+
+@register("crest")
+class CReST(Generations, FixMatch):
+    """FixMatch (or, with ``base=remixmatch``, ReMixMatch) whose labeled set grows,
+    class-rebalanced, between generations."""
+
+    Config = CReSTConfig
+
+    def __new__(cls, cfg: CReSTConfig | None = None, *args, **kwargs):
+        if getattr(cfg, "base", "fixmatch") == "remixmatch":  # cfg None: copy / unpickle
+            algo = ReMixMatchCReST(cfg, *args, **kwargs)
+            algo.registered_name = cls.registered_name
+            return algo  # not a CReST: Python skips CReST.__init__
+        return super().__new__(cls)
+
+    def __init__(self, cfg: CReSTConfig, num_classes: int, feat_dim: int,
+                 labeled_labels: Tensor, refiner=None):
+        check_crest_config(cfg)
+        super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
+        self._init_generations(labeled_labels)
+
+    @classmethod
+    def make_heads(cls, cfg, feat_dim: int, num_classes: int):
+        if cfg.base == "remixmatch":
+            return ReMixMatchCReST.make_heads(cfg, feat_dim, num_classes)
+        return super().make_heads(cfg, feat_dim, num_classes)
 
 
 @register("crest_plus")

@@ -94,6 +94,10 @@ class ReMixMatch(Algorithm):
     def make_heads(cls, cfg, feat_dim: int, num_classes: int) -> dict[str, nn.Module]:
         return {"rotation": rotation_head(feat_dim)}
 
+    def consistency_ramp(self, state: StepState) -> float:
+        """Weight ramp of lambda_U and lambda_U1 (linear over ``rampup_ratio`` of training)."""
+        return linear_rampup(state.step, state.total_steps, self.cfg.rampup_ratio)
+
     def step(self, batch: Batch, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
         cfg, model = self.cfg, state.model
         x_w, x_s1, x_s2 = batch.x_ulb
@@ -115,7 +119,7 @@ class ReMixMatch(Algorithm):
             targets_u = self.refiner.refine(targets_u, feats_w.detach(), state.step)
             pseudo = targets_u.argmax(dim=-1)
         self.refiner.observe(pseudo)
-        ramp = linear_rampup(state.step, state.total_steps, cfg.rampup_ratio)
+        ramp = self.consistency_ramp(state)
 
         n_lb = batch.x_lb.size(0)
         x_all = torch.cat([batch.x_lb, x_w, x_s1, x_s2])

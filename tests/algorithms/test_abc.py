@@ -203,7 +203,10 @@ def test_abc_and_acr_rows_are_generated_and_compose():
     table1 = [f"cifar10_lt_g{g}_n{n}" for g in (100, 150) for n in (500, 1500)]
     table1 += [f"cifar100_lt_g10_n{n}" for n in (50, 150)]
     mismatched = [f"cifar10_lt_g100_n{n}_{m}" for n in (500, 1500) for m in ("uniform", "reversed")]
-    want = {f"{s}_fixmatch_abc{d}" for s in table1 for d in ("", "_daso")}
+    # ABC also on CIFAR-100-LT gamma 20 (Table 1) and STL-10-LT (Table 12); ACR as before
+    abc = table1 + [f"cifar100_lt_g20_n{n}" for n in (50, 150)]
+    abc += [f"stl10_lt_g{g}_n{n}" for g in (10, 20) for n in (150, 450)]
+    want = {f"{s}_fixmatch_abc{d}" for s in abc for d in ("", "_daso")}
     want |= {f"{s}_acr" for s in table1 + mismatched}
     assert set(gen.rows()) == want
     for name in sorted(want):
@@ -221,6 +224,9 @@ def test_abc_and_acr_rows_are_generated_and_compose():
             t_dist = 1.5 if name.startswith("cifar10_") else 0.3
             assert cfg.pseudo.dist_temperature == t_dist and cfg.pseudo.warmup_iters == 5000
         d = cfg.dataset
+        if name.startswith("stl10_"):
+            assert d.name == "stl10" and d.gamma_l == int(name.split("_g")[1].split("_")[0])
+            continue
         assert d.reverse_unlabeled == ("_reversed" in name)
         assert d.gamma_u == (1 if "_uniform" in name else d.gamma_l)
 

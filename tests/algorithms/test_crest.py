@@ -176,11 +176,15 @@ def test_crest_and_crt_rows_are_generated_and_compose():
     gen = comparators_generator()
     assert gen.main(["--check"]) == 0, "run: python configs/experiment/_generate_comparators_c.py"
     rows = gen.rows()
-    # CReST+: Table 1 (6) + Table 2 (8); CReST: Table 2 (8) + Table 11's matched (4);
-    # Supervised and Supervised w/ cRT: Table 11 (CIFAR-10 g100, CIFAR-100 g10, STL-10 g10)
-    assert len([r for r in rows if r.endswith("_crest_plus")]) == 14
-    assert len([r for r in rows if r.endswith("_fixmatch_crest")]) == 12
-    assert len([r for r in rows if r.endswith("_supervised_crt")]) == 6
+    # FixMatch w/ CReST+: Table 1 (8, CIFAR-100-LT gamma 20 included) + Table 2 (8); CReST:
+    # Table 2 (8) + Table 11's matched (4); FixMatch + LA w/ CReST+: Table 1 (8); w/ LA (inf)
+    # + CReST+: Table 14 (4); ReMixMatch w/ CReST+: Table 13 (6); Supervised w/ cRT: Table 11
+    counts = {"_fixmatch_crest_plus": 16, "_fixmatch_crest": 12, "_fixmatch_la_crest_plus": 8,
+              "_fixmatch_lainf_crest_plus": 4, "_remixmatch_crest_plus": 6,
+              "_supervised_crt": 6}
+    for tail, n in counts.items():
+        assert len([r for r in rows if r.endswith(tail)]) == n, tail
+    assert len(rows) == sum(counts.values())
     experiments = Path(CONFIG_DIR) / "experiment"
     for name in rows:
         cfg = compose([f"experiment={name}", "seed=3"])
@@ -193,13 +197,17 @@ def test_crest_and_crt_rows_are_generated_and_compose():
             assert a.name == "crt" and a.init_from == f"runs/{ssl}-seed3", name
             assert (experiments / f"{ssl}.yaml").is_file(), name
             assert compose([f"experiment={ssl}"]).algorithm.name == "supervised", name
-        else:
-            plus = name.endswith("_crest_plus")
-            assert a.name == ("crest_plus" if plus else "crest"), name
-            assert (a.generations, a.alpha, a.t_min, a.uratio) == (5, 3.0, 0.5, 2), name
-            assert a.dist_align == ("labeled" if plus else "none"), name
-            assert a.progressive_align == plus, name
-
+            continue
+        plus = name.endswith("_crest_plus")
+        remix = "_remixmatch_" in name
+        assert a.name == ("crest_plus" if plus else "crest"), name
+        assert a.base == ("remixmatch" if remix else "fixmatch"), name
+        assert (a.generations, a.alpha, a.t_min) == (5, 3.0, 0.5), name
+        assert (a.uratio, a.lambda_u) == ((1, 1.5) if remix else (2, 1.0)), name
+        la = "loss" if "_la_" in name else "posthoc" if "_lainf_" in name else "none"
+        assert a.logit_adjust == la, name
+        assert a.dist_align == ("labeled" if plus else "none"), name
+        assert a.progressive_align == plus, name
 
 @pytest.mark.parametrize("algo", ["crest", "crest_plus"])
 def test_crest_runs_on_digits_lt_via_the_cli(tmp_path, algo):

@@ -132,6 +132,8 @@ def expected_comparator_rows() -> set[str]:
     rows |= {f"{s}_fixmatch_lainf{d}" for d in ("", "_daso") for s in (  # Table 14
         "cifar10_lt_g100_n1500", "cifar10_lt_g150_n1500", "cifar100_lt_g10_n150",
         "cifar100_lt_g20_n150")}
+    rows |= {f"cifar100_lt_g20_n{n}_fixmatch{d}" for n in (50, 150) for d in ("", "_daso")}
+    rows |= {f"cifar100_lt_g20_n50_remixmatch{d}" for d in ("", "_daso")}  # Table 13
     return rows
 
 

@@ -34,6 +34,9 @@ CASES = {
     # generations of 5 steps: labeled-set updates + restarts after steps 5, 10, 15
     "crest_plus": ["algorithm=crest_plus", "pseudo=none", "algorithm.generations=4",
                    "algorithm.threshold=0.5"],
+    # CReST+ with ReMixMatch as the learner: tempered DA target, ramp-up restarting per generation
+    "crest_plus_remixmatch": ["algorithm=crest_plus", "algorithm.base=remixmatch", "pseudo=none",
+                              "algorithm.generations=4", "algorithm.uratio=1"],
     "crt": ["algorithm=crt", "pseudo=none"],  # class-balanced labeled stream, frozen encoder
     # LA loss + DARP: per-image pseudo-labels stored and re-solved every 3 steps from step 5
     "fixmatch_la_darp": ["algorithm=fixmatch", "pseudo=darp", "algorithm.logit_adjust=loss",
