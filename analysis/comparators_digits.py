@@ -59,6 +59,8 @@ LA = "algorithm.logit_adjust=loss"
 ABC = ("algorithm=abc", "algorithm.epoch_iters=2")
 ACR = ("algorithm=acr", "algorithm.epoch_iters=20")
 CREST = ("algorithm.generations=3",)
+#: ReMixMatch as CReST's learner, with ReMixMatch's own mu and lambda_u (official remixmatch_crest.yaml)
+REMIXMATCH_IN_CREST = ("algorithm.base=remixmatch", "algorithm.uratio=1", "algorithm.lambda_u=1.5")
 ROWS: list[Row] = [
     Row("supervised", ("algorithm=supervised", "pseudo=none"), ("Table 1, N1 500", 47.3)),
     Row("supervised+la", ("algorithm=supervised", "pseudo=none", LA), ("Table 1, N1 500", 53.3)),
@@ -91,6 +93,12 @@ ROWS: list[Row] = [
     Row("meanteacher+daso", ("algorithm=meanteacher", *_daso()), ("Table 3, N1 1500", 70.7)),
     Row("pseudolabel", ("algorithm=pseudolabel", "pseudo=none"), ("Table 11, N1 500", 47.8)),
     Row("pseudolabel+daso", ("algorithm=pseudolabel", *_daso())),
+    # DASO Table 13 (ReMixMatch as the SSL learner, CIFAR-10-LT gamma 100, N1 500)
+    Row("remixmatch", ("algorithm=remixmatch", "pseudo=none"), ("Table 13, N1 500", 70.9)),
+    Row("remixmatch+daso", ("algorithm=remixmatch", *_daso()), ("Table 13, N1 500", 76.8)),
+    Row("remixmatch+darp", ("algorithm=remixmatch", "pseudo=darp"), ("Table 13, N1 500", 72.2)),
+    Row("remixmatch+crest_plus", ("algorithm=crest_plus", "pseudo=none", *CREST,
+                                  *REMIXMATCH_IN_CREST), ("Table 13, N1 500", 75.6)),
 ]
 
 
