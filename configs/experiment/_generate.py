@@ -101,6 +101,16 @@ class Setting:
         return f"{name}, {dist}, N1 = {self.n1}, M1 = {self.m1}"
 
 
+CIFAR100_N1_M1 = ((50, 400), (150, 300))
+
+
+def cifar100_gamma20_settings() -> list[Setting]:
+    """CIFAR-100-LT gamma 20 (Table 1): only the comparator generators write rows for it, so
+    ``settings()`` leaves it out."""
+    return [Setting("cifar100_lt", "cifar100_lt", "Table 1", n1, m1, 20, 20)
+            for n1, m1 in CIFAR100_N1_M1]
+
+
 def settings() -> list[Setting]:
     rows: list[Setting] = []
     pairs = ((500, 4000), (1500, 3000))
@@ -112,7 +122,7 @@ def settings() -> list[Setting]:
         rows.append(Setting("cifar10_lt", "cifar10_lt", "Table 2", n1, m1, 100, 100,
                             reversed=True))
     rows += [Setting("cifar100_lt", "cifar100_lt", "Table 1", n1, m1, 10, 10)
-             for n1, m1 in ((50, 400), (150, 300))]
+             for n1, m1 in CIFAR100_N1_M1]
     rows += [Setting("stl10", "stl10_lt", "Table 2", n1, 0, gamma, 0, num_valid_per_class=50)
              for gamma in (10, 20) for n1 in (150, 450)]
     return rows
