@@ -1,0 +1,200 @@
+"""Bit-identical training: a short digits-LT run of every registered algorithm (with and
+without DASO where a refiner applies, and the variants that exercise the trainer's hooks) gives
+exactly the final metrics, log files and checkpoint tensors recorded in ``golden_runs.json``.
+
+The values were recorded before the trainer was split into modules (issue 26), so the split
+and every later restructuring of the engine is proven not to change a single bit. A change
+that is *meant* to change numbers (a corrected estimator, a new default) re-records the cases
+it affects, and its commit says so:
+
+    PYTHONPATH=. python tests/engine/test_refactor_golden.py --record acr acr_daso
+    PYTHONPATH=. python tests/engine/test_refactor_golden.py --record      # every case
+    PYTHONPATH=. python tests/engine/test_refactor_golden.py --list
+
+Bits depend on the CPU and the torch build, so the comparison runs only where the values were
+recorded with the same torch version and machine type (elsewhere the test skips, saying so);
+runs use one thread.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+GOLDEN = Path(__file__).with_name("golden_runs.json")
+
+#: the short run every case trains: 18 steps, evaluation every 6, one checkpoint at the end
+SHORT = ["dataset=digits_lt", "model=small_cnn", "model.ema_decay=0.7", "trainer=default",
+         "trainer.iterations=18", "trainer.batch_size=8", "trainer.eval_interval=6",
+         "trainer.log_interval=3", "trainer.checkpoint_interval=18",
+         "trainer.keep_checkpoints=1", "trainer.progress=false", "trainer.tensorboard=false",
+         "trainer.report=false", "trainer.precision=fp32", "trainer.compile=false",
+         "device=cpu", "seed=3"]
+DASO = ["pseudo=daso_quick", "pseudo.warmup_iters=4", "pseudo.dist_window=4"]
+
+
+def _cases() -> dict[str, list[str]]:
+    """case name -> overrides: every registered algorithm without a refiner, with DASO where
+    it applies (the algorithm trains on unlabeled data), and the hook variants."""
+    from imbssl.algorithms import registry
+
+    cases: dict[str, list[str]] = {}
+    for name, cls in sorted(registry().items()):
+        if name == "crt":
+            continue  # needs a finished run to start from (below)
+        cases[name] = [f"algorithm={name}", "pseudo=none"]
+        if cls.unlabeled_views:
+            cases[f"{name}_daso"] = [f"algorithm={name}", *DASO]
+    cases["crest_remixmatch"] = ["algorithm=crest", "algorithm.base=remixmatch", "pseudo=none"]
+    cases["crest_la_posthoc"] = ["algorithm=crest", "algorithm.logit_adjust=posthoc",
+                                 "pseudo=none"]
+    cases["fixmatch_la_loss"] = ["algorithm=fixmatch", "algorithm.logit_adjust=loss",
+                                 "pseudo=none"]
+    cases["fixmatch_la_posthoc"] = ["algorithm=fixmatch", "algorithm.logit_adjust=posthoc",
+                                    "pseudo=none"]
+    cases["fixmatch_darp"] = ["algorithm=fixmatch", "pseudo=darp", "pseudo.per_iters=2"]
+    cases["crt"] = ["algorithm=crt", "pseudo=none", "algorithm.init_from=<fixmatch>"]
+    return cases
+
+
+def _digest(value) -> str:
+    """sha256 over a nested checkpoint value: tensors by dtype, shape and bytes; the rest by
+    exact repr."""
+    h = hashlib.sha256()
+
+    def feed(v) -> None:
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(v, dict):
+            h.update(b"{")
+            for k in sorted(v, key=repr):
+                h.update(repr(k).encode())
+                feed(v[k])
+            h.update(b"}")
+        elif isinstance(v, list | tuple):
+            h.update(b"[")
+            for x in v:
+                feed(x)
+            h.update(b"]")
+        else:
+            h.update(repr(v).encode())
+
+    feed(value)
+    return h.hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_case(name: str, overrides: list[str], workdir: Path) -> dict:
+    """Train one case in ``workdir/<name>`` (in this process, one thread) and return its
+    digests: final metrics (exact), the log files, each part of the last checkpoint."""
+    from imbssl.cli import compose
+    from imbssl.engine.trainer import Trainer
+
+    if "algorithm.init_from=<fixmatch>" in overrides:  # cRT re-trains a finished run
+        init = workdir / f"{name}_init"
+        if not init.is_dir():
+            run_case(init.name, _cases()["fixmatch"], workdir)
+        overrides = [o.replace("<fixmatch>", str(init)) for o in overrides]
+    run_dir = workdir / name
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer(compose([*SHORT, *overrides, f"run_dir={run_dir}"]))
+        summary = trainer.run()
+    finally:
+        torch.set_num_threads(threads)
+    ckpt = sorted((run_dir / "checkpoints").glob("ckpt_*.pt"))[-1]
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    return {
+        "final": {k: repr(v) for k, v in sorted(summary["final"].items())},
+        "files": {f: _file_digest(run_dir / f) for f in ("metrics.jsonl", "per_class.csv")},
+        "checkpoint": {k: _digest(v) for k, v in sorted(state.items())
+                       if k != "checksum"},  # derived from the rest
+    }
+
+
+def _environment() -> dict:
+    return {"torch": torch.__version__, "machine": platform.machine()}
+
+
+def _load() -> dict:
+    return json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {"cases": {}}
+
+
+def _golden_case(name: str) -> dict:
+    golden = _load()
+    env = golden.get("environment", {})
+    if env != _environment():
+        pytest.skip(f"golden values were recorded with {env}, this is {_environment()}: "
+                    "bits are compared only on the same torch build and machine type")
+    if name not in golden["cases"]:
+        pytest.fail(f"no golden values for {name}; record them: python {__file__} --record "
+                    f"{name}")
+    return golden["cases"][name]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("golden")
+
+
+@pytest.mark.parametrize("name", sorted(_cases()))
+def test_short_run_is_bit_identical_to_the_recorded_one(name, workdir):
+    expected = _golden_case(name)
+    got = run_case(name, _cases()[name], workdir)
+    assert got["final"] == expected["final"], "final metrics differ"
+    assert got["files"] == expected["files"], "metrics.jsonl / per_class.csv differ"
+    recorded = expected["checkpoint"]  # parts added to checkpoints later are not compared
+    differ = sorted(k for k in recorded if got["checkpoint"].get(k) != recorded[k])
+    assert not differ, f"checkpoint parts differ: {differ}"
+
+
+def _record(names: list[str]) -> None:
+    cases = _cases()
+    names = names or sorted(cases)
+    unknown = [n for n in names if n not in cases]
+    if unknown:
+        print(f"unknown case(s) {unknown}; choose from {sorted(cases)}", file=sys.stderr)
+        raise SystemExit(2)
+    golden = _load()
+    if golden.get("environment", _environment()) != _environment() and set(names) != set(cases):
+        print(f"the golden file was recorded with {golden['environment']}; re-record every "
+              "case on this machine (--record without names)", file=sys.stderr)
+        raise SystemExit(2)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True,
+                           cwd=Path(__file__).parent).stdout.strip()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            result = run_case(name, cases[name], Path(tmp))
+            result["recorded_at"] = commit + ("+changes" if dirty else "")
+            golden["cases"][name] = result
+            print(f"recorded {name}", file=sys.stderr)
+    golden["environment"] = _environment()
+    golden["cases"] = dict(sorted(golden["cases"].items()))
+    GOLDEN.write_text(json.dumps(golden, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if args[:1] == ["--list"]:
+        print("\n".join(sorted(_cases())))
+    elif args[:1] == ["--record"]:
+        _record(args[1:])
+    else:
+        print(__doc__, file=sys.stderr)
+        raise SystemExit(2)
