@@ -52,7 +52,7 @@ from torch.nn import functional as F
 from imbssl.algorithms import register
 from imbssl.algorithms.abc import linear_head
 from imbssl.algorithms.base import Algorithm, AlgorithmConfig, Batch, StepState
-from imbssl.engine.distributed import all_gather_cat
+from imbssl.collectives import all_gather_cat
 from imbssl.pseudo.base import add_extra_loss, hard_labels
 
 BALANCED_HEAD = "balanced"

@@ -42,7 +42,7 @@ from torch.nn import functional as F
 from imbssl.algorithms import register
 from imbssl.algorithms.base import Algorithm, AlgorithmConfig, Batch, StepState, forward_all
 from imbssl.algorithms.ops import fp32, one_hot, soft_cross_entropy
-from imbssl.engine.distributed import all_gather_cat
+from imbssl.collectives import all_gather_cat
 from imbssl.pseudo.base import add_extra_loss, hard_labels
 from imbssl.pseudo.dist_align import build_dist_align
 

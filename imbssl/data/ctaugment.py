@@ -236,7 +236,7 @@ class CTAugment(nn.Module):
     def update(self, op: Tensor, bins: Tensor, prox: Tensor) -> None:
         """weight <- rho * weight + (1 - rho) * proximity for every probe's (op, bin), probe
         after probe in order (the probes of all processes, rank order), as one scatter."""
-        from imbssl.engine.distributed import all_gather_cat
+        from imbssl.collectives import all_gather_cat
 
         k = op.shape[1]
         op, bins = all_gather_cat(op).flatten(), all_gather_cat(bins).flatten()
@@ -258,7 +258,7 @@ class CTAugment(nn.Module):
         if self.augmenter is None or self.generator is None:
             raise RuntimeError("CTAugment.probe_step needs the Augmenter and generator of a "
                                "strong view drawn first (strong_view)")
-        from imbssl.engine.distributed import even_shard, world_size
+        from imbssl.collectives import even_shard, world_size
 
         aug, gen = self.augmenter, self.generator
         n = len(x_lb) * world_size()  # draw for the global batch, keep this process's share

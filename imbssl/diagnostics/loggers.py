@@ -21,6 +21,7 @@ import json
 import os
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import pandas as pd
 
 from imbssl.diagnostics.logfile import CONFIG_FILE, PER_CLASS_FILE, RunLog, _plain
 from imbssl.errors import UserError
+from imbssl.typed_config import typed
 
 TRACKERS = ("none", "wandb", "mlflow")
 EXTRAS = {"wandb": "wandb", "mlflow": "mlflow"}  # tracker -> pip extra (and package)
@@ -35,11 +37,20 @@ IDS_FILE = "tracking.json"
 MLFLOW_BATCH = 100  # MLflow's limit of params per log_batch call
 
 
+@dataclass
+class LoggerConfig:
+    """Experiment tracker beside TensorBoard (``logger=...``)."""
+
+    name: str = "none"  # none | wandb | mlflow
+    project: str = "imbssl"  # W&B project / MLflow experiment
+    run_name: str = ""  # "" = the run folder's name
+    mode: str = "offline"  # W&B: offline (files in the run folder, `wandb sync` later) | online
+    tracking_uri: str = ""  # MLflow: "" = sqlite:///<run_dir>/mlflow.db; or file:/..., sqlite:///..
+
+
 def check_logger(cfg: Any) -> Any:
     """``cfg.logger`` as a LoggerConfig; an unknown tracker or a missing package is a
     one-line ``UserError`` naming the pip extra."""
-    from imbssl.engine.config import LoggerConfig, typed
-
     lcfg = typed(cfg, "logger", LoggerConfig) if _has_logger(cfg) else LoggerConfig()
     if lcfg.name not in TRACKERS:
         raise UserError(f"logger={lcfg.name!r} is not a tracker; use one of "

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from imbssl.collectives import all_reduce_sum
 from imbssl.diagnostics.metrics import confusion_to_metrics, per_class_rows
-from imbssl.engine.distributed import all_reduce_sum
 
 PSEUDO_KINDS = ("linear", "semantic", "final")
 SUBSETS = ("all", "confident")

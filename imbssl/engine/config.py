@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
 from imbssl.data import DatasetConfig
+from imbssl.diagnostics.loggers import LoggerConfig
 from imbssl.models import ModelConfig
+from imbssl.typed_config import describe_config_error, to_object, typed  # noqa: F401
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -54,17 +56,6 @@ class TrainerConfig:
     deterministic: bool = False
     #: multi-GPU runs (torchrun): batch-norm statistics over the global batch (SyncBatchNorm)
     sync_bn: bool = False
-
-
-@dataclass
-class LoggerConfig:
-    """Experiment tracker beside TensorBoard (imbssl/diagnostics/loggers.py)."""
-
-    name: str = "none"  # none | wandb | mlflow
-    project: str = "imbssl"  # W&B project / MLflow experiment
-    run_name: str = ""  # "" = the run folder's name
-    mode: str = "offline"  # W&B: offline (files in the run folder, `wandb sync` later) | online
-    tracking_uri: str = ""  # MLflow: "" = sqlite:///<run_dir>/mlflow.db; or file:/..., sqlite:///..
 
 
 @dataclass
@@ -128,49 +119,3 @@ def compose(overrides: list[str]) -> DictConfig:
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides)
-
-
-def to_object(node: DictConfig | Any, schema: type | None = None) -> Any:
-    """A config group as its dataclass (validated again, so a hand-made config is checked too)."""
-    if isinstance(node, DictConfig):  # resolve ${...} against the full config first
-        node = OmegaConf.to_container(node, resolve=True)
-    if schema is None:
-        return node
-    merged = OmegaConf.merge(OmegaConf.structured(schema), node)
-    return OmegaConf.to_object(merged)
-
-
-def typed(cfg: DictConfig, group: str, schema: type) -> Any:
-    """``cfg.<group>`` as ``schema``; a bad key or value is a one-line ``UserError``."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    from imbssl.errors import UserError
-
-    node = cfg.get(group) if isinstance(cfg, DictConfig) else getattr(cfg, group, None)
-    if node is None:
-        raise UserError(f"the config has no {group!r} group; add {group}=<option>")
-    try:
-        return to_object(node, schema)
-    except OmegaConfBaseException as exc:
-        raise UserError(describe_config_error(exc, group)) from None
-
-
-def describe_config_error(exc: Exception, prefix: str = "") -> str:
-    """One line naming the key and the value of an OmegaConf error (and what to do)."""
-    from dataclasses import fields, is_dataclass
-
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
-
-    key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or ""
-    key = f"{prefix}.{key}" if prefix and key and not str(key).startswith(f"{prefix}.") else key
-    first = (str(getattr(exc, "msg", "") or exc).strip().splitlines() or [type(exc).__name__])[0]
-    if isinstance(exc, ConfigAttributeError | ConfigKeyError):
-        owner = getattr(exc, "object_type", None)
-        known = ([f.name for f in fields(owner)] if owner is not None and is_dataclass(owner)
-                 else [])
-        hint = f"; valid keys there: {', '.join(known)}" if known else "; check its spelling"
-        return f"unknown config key {key!r}{hint}"
-    if isinstance(exc, ValidationError):
-        value = getattr(exc, "value", None)
-        return f"{key}={value!r} has the wrong type ({first}); give a value of the right type"
-    return f"{key}: {first}" if key else first

@@ -60,7 +60,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from imbssl.engine.distributed import all_gather_cat
+from imbssl.collectives import all_gather_cat
 from imbssl.pseudo.base import IdentityRefiner
 
 TARGETS = ("labeled", "estimate", "uniform")

@@ -65,7 +65,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from imbssl.engine.distributed import all_gather_cat
+from imbssl.collectives import all_gather_cat
 from imbssl.errors import UserError
 from imbssl.pseudo.base import IdentityRefiner
 

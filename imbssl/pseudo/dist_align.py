@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from imbssl.engine.distributed import all_reduce_mean
+from imbssl.collectives import all_reduce_mean
 
 TARGETS = ("labeled", "uniform")
 
