@@ -48,15 +48,15 @@ WORKER = textwrap.dedent("""
     from imbssl.engine.trainer import Trainer
 
     trainer = Trainer(OmegaConf.load(cfg_path))
-    periodic = trainer._periodic
+    asked = trainer._preemption_requested  # the loop asks it after each step's periodic work
 
-    def periodic_then_hold(progress) -> None:  # wait to be killed after step hold_at
-        periodic(progress)
+    def hold_after_periodic_work() -> bool:  # wait to be killed after step hold_at
         if trainer.step_count == hold_at:
             pathlib.Path(f"{cfg_path}.held{rank}").touch()
             time.sleep(3600)
+        return asked()
 
-    trainer._periodic = periodic_then_hold
+    trainer._preemption_requested = hold_after_periodic_work
     trainer.run()
     shutdown()
 """)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 
+import imbssl.engine.periodic as periodic_module
 import imbssl.engine.trainer as trainer_module
 from imbssl.engine.checkpoint import list_checkpoints
 
 
 def test_failed_evaluation_is_noted_and_training_goes_on(tiny_cfg, monkeypatch, capsys):
-    real = trainer_module.confusion_to_metrics
+    real = periodic_module.confusion_to_metrics
     calls = []
 
     def fails_at_step_2(conf):
@@ -19,7 +20,7 @@ def test_failed_evaluation_is_noted_and_training_goes_on(tiny_cfg, monkeypatch, 
             raise ValueError("metrics cannot be computed")
         return real(conf)
 
-    monkeypatch.setattr(trainer_module, "confusion_to_metrics", fails_at_step_2)
+    monkeypatch.setattr(periodic_module, "confusion_to_metrics", fails_at_step_2)
     trainer = trainer_module.Trainer(tiny_cfg("trainer.report=false", "pseudo=none"))
     summary = trainer.run()
     assert summary["status"] == "finished" and summary["step"] == 4
