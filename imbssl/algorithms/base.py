@@ -18,13 +18,16 @@ Hooks beyond ``step`` (no-op defaults; the trainer calls them without knowing th
   * ``phase(step, total)``: the step within the current phase and the phase's length, which
     the learning-rate schedule and the EMA warm-up see (self-training generations restart them).
   * ``labeled_update_due(step, total)`` / ``update_labeled_set(probs, ...)``: after such a step
-    the trainer hands over the EMA model's predictions on the whole unlabeled set and gets
+    the trainer hands over the EMA model's predictions (``label_predictor``) on the whole
+    unlabeled set and gets
     back a ``LabeledSetUpdate`` (unlabeled images added to the labeled set with pseudo-labels,
     optionally restarting network, EMA and optimizer); it is checkpointed and logged per class.
   * ``labeled_sampling``: how the labeled batch stream samples ("shuffle" epochs, or
     "class_balanced": class uniformly, then an image of it).
   * ``init_from`` / ``configure_network(model)``: a checkpoint whose weights the run starts
     from, and which parameters train (a post-training phase such as classifier re-training).
+  * ``eval_predictor(model)`` / ``label_predictor(model)``: the two named prediction roles,
+    what evaluation argmaxes and what labels data (the latter never post-hoc adjusted).
 
 Logit adjustment (LA; Menon et al., ICLR 2021), for every algorithm through two fields of
 ``AlgorithmConfig``: ``logit_adjust=loss`` trains the labeled loss on ``f(x) + tau log pi``
@@ -201,10 +204,21 @@ class Algorithm(nn.Module):
         return self.posthoc_adjust(output.logits)
 
     def eval_predictor(self, model: nn.Module):
-        """``output -> logits`` that evaluation argmaxes for ``model``, the network evaluated
-        (its heads included): ``eval_logits`` by default; a method that predicts with one of
-        ``model.heads`` (ABC's balanced classifier) returns a function reading that head."""
+        """The prediction we *evaluate*: ``output -> logits`` that evaluation (test and
+        validation accuracy, ``imbssl eval``) argmaxes for ``model``, the network evaluated
+        (its heads included): ``eval_logits`` by default (post-hoc logit-adjusted with
+        ``logit_adjust=posthoc``); a method that predicts with one of ``model.heads`` (ABC's
+        balanced classifier) returns a function reading that head. Never used to label data
+        (see ``label_predictor``)."""
         return self.eval_logits
+
+    def label_predictor(self, model: nn.Module):
+        """The prediction that *labels data*: ``output -> logits`` whose softmax the trainer
+        hands to ``update_labeled_set`` (the EMA network's predictions on the unlabeled set,
+        CReST's selection). By default the classifier's raw logits, without post-hoc logit
+        adjustment: the official CReST code (DASO ``lib/algorithm/fm_crest.py``) selects on
+        the raw EMA softmax, LA (inf) being only an evaluation metric there."""
+        return raw_logits
 
     def feed_refiner(self, batch: Batch, state: StepState,
                      ema_features: Tensor | None = None) -> None:
@@ -231,6 +245,11 @@ class Algorithm(nn.Module):
         if cta is None:
             return {}
         return {"ctaugment/proximity": cta.probe_step(state.ema_model, batch.x_lb, batch.y_lb)}
+
+
+def raw_logits(output) -> Tensor:
+    """The classifier's logits as the network outputs them (no adjustment)."""
+    return output.logits
 
 
 def forward_all(model: nn.Module, *xs: Tensor):

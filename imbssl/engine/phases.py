@@ -47,10 +47,11 @@ class DataPhases:
 
     @torch.no_grad()
     def unlabeled_probs(self) -> Tensor:
-        """(N_u, K) softmax of the EMA model's predictions (``eval_predictor``) on the
-        unaugmented unlabeled set (eval mode; every process computes all of it, so all agree)."""
+        """(N_u, K) softmax of the EMA model's predictions (``label_predictor``: the role that
+        labels data, not the evaluated one) on the unaugmented unlabeled set (eval mode; every
+        process computes all of it, so all agree)."""
         model, images = self.ema.model, self.data.unlabeled.images
-        predict = self.algo.eval_predictor(model)
+        predict = self.algo.label_predictor(model)
         was_training = model.training
         model.eval()
         out = []
