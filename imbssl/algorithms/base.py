@@ -237,6 +237,20 @@ class Algorithm(nn.Module):
         evaluation; passed to the refiner (DARP's estimate of the unlabeled distribution)."""
         self.refiner.observe_validation(confusion)
 
+    def per_class_diagnostics(self) -> dict[str, dict[str, Tensor]]:
+        """kind -> (metric -> (K,) tensor): the per-class state its pseudo-label components
+        publish (``PerClassDiagnostics``: the refiner first, then distribution alignment),
+        logged to per_class.csv after each evaluation."""
+        from imbssl.pseudo.base import PerClassDiagnostics
+
+        parts: dict[str, dict[str, Tensor]] = {}
+        for module in self.children():
+            if isinstance(module, PerClassDiagnostics):
+                state = module.per_class_diagnostics()
+                if state:
+                    parts[module.diagnostics_kind] = state
+        return parts
+
     def probe_ctaugment(self, batch: Batch, state: StepState) -> dict[str, Tensor]:
         """With CTAugment (``self.ctaugment``): score labeled probes with the EMA model (one
         no-grad forward of the labeled batch, official FixMatch/ReMixMatch ``classify_op``)

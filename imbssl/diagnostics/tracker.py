@@ -125,22 +125,32 @@ def _summary(prefix: str, metrics: dict) -> dict[str, float]:
     }
 
 
+#: DASO's per-class state (the metrics of its ``per_class_diagnostics``), plotted by the report
 REFINER_STATE = ("m_hat", "blend_weight")
 
 
-def refiner_rows(step: int, refiner: torch.nn.Module,
-                 class_names: Sequence[str] | None = None) -> list[dict]:
-    """Per-class rows (source "refiner") of a distribution-aware refiner's state: DASO's
-    ``m_hat`` (distribution of the final pseudo-labels) and blend weights
-    ``v = m_hat^(1/T_dist) / max`` (DASO Eq. 5-6); [] for a refiner without them."""
-    m_hat = getattr(refiner, "m_hat", None)
-    weights = getattr(refiner, "blend_weights", None)
-    if not isinstance(m_hat, Tensor) or not callable(weights):
-        return []
-    with torch.no_grad():
-        host = torch.stack([m_hat.detach().float(), weights().detach().float()]).cpu().numpy()
-    names = [str(n) for n in class_names] if class_names else [str(c) for c in range(len(m_hat))]
-    kind = type(refiner).__name__.lower()
-    return [{"step": int(step), "source": "refiner", "kind": kind, "subset": "all", "class": c,
-             "class_name": names[c], "metric": metric, "value": float(host[i, c])}
-            for c in range(host.shape[1]) for i, metric in enumerate(REFINER_STATE)]
+def diagnostic_rows(step: int, parts: dict[str, dict[str, Tensor]],
+                    class_names: Sequence[str] | None = None) -> list[dict]:
+    """Per-class rows (source "refiner") of the pseudo-label components' published state:
+    ``parts`` maps a component's kind to its ``per_class_diagnostics()`` (metric -> (K,))."""
+    rows = []
+    for kind, metrics in parts.items():
+        if not metrics:
+            continue
+        with torch.no_grad():
+            host = {m: v.detach().float().cpu().numpy() for m, v in metrics.items()}
+        k = len(next(iter(host.values())))
+        names = [str(n) for n in class_names] if class_names else [str(c) for c in range(k)]
+        rows += [{"step": int(step), "source": "refiner", "kind": kind, "subset": "all",
+                  "class": c, "class_name": names[c], "metric": metric,
+                  "value": float(values[c])}
+                 for c in range(k) for metric, values in host.items()]
+    return rows
+
+
+def refiner_rows(step: int, refiner, class_names: Sequence[str] | None = None) -> list[dict]:
+    """Per-class rows (source "refiner") of one refiner's ``per_class_diagnostics()`` (DASO:
+    ``m_hat`` and the blend weights ``v = m_hat^(1/T_dist) / max``, DASO Eqs. 5-6); [] for a
+    refiner that publishes none."""
+    return diagnostic_rows(step, {refiner.diagnostics_kind: refiner.per_class_diagnostics()},
+                           class_names)

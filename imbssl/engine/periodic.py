@@ -14,7 +14,7 @@ from imbssl.diagnostics.metrics import (
     median_of_last,
     per_class_rows,
 )
-from imbssl.diagnostics.tracker import refiner_rows
+from imbssl.diagnostics.tracker import diagnostic_rows
 from imbssl.engine import distributed as ddp
 from imbssl.engine.evaluate import confusion_matrix
 from imbssl.fileio import is_disk_full
@@ -74,8 +74,9 @@ class PeriodicWork:
         if pseudo_rows and self.log is not None:
             self.log.append_per_class(pseudo_rows)
             self._append_metrics({"step": step, "split": "pseudo", **self.tracker.last_summary})
-        if self.log is not None:  # DASO's m_hat and blend weights v per class
-            self.log.append_per_class(refiner_rows(step, self.algo.refiner, names))
+        if self.log is not None:  # e.g. DASO's m_hat and blend weights v per class
+            self.log.append_per_class(diagnostic_rows(step, self.algo.per_class_diagnostics(),
+                                                      names))
         self._last_test = results["test"]
         self._last_eval_step = step
         self._write_summary(self.summary("running"))

@@ -16,6 +16,12 @@ Call order inside ``Algorithm.step`` (where the algorithm has these quantities):
 Outside the step, the trainer calls ``algo.observe_validation(confusion)`` after each
 validation evaluation, which passes the (true, predicted) count matrix to
 ``observe_validation`` (DARP's estimate of the unlabeled class distribution).
+
+Diagnostics: after each evaluation the trainer logs ``per_class_diagnostics()`` of every
+pseudo-label component of the algorithm (the refiner, distribution alignment) as per-class
+rows of ``per_class.csv`` (source ``refiner``, kind ``diagnostics_kind``): DASO's ``m_hat``
+and blend weights, DARP's target class counts, distribution alignment's target and running
+mean. A component publishes its own state here; nothing reads its attributes by name.
 """
 from __future__ import annotations
 
@@ -23,7 +29,18 @@ import torch
 from torch import Tensor, nn
 
 
-class IdentityRefiner(nn.Module):
+class PerClassDiagnostics:
+    """A pseudo-label component that publishes per-class state for ``per_class.csv``."""
+
+    #: the ``kind`` column of its rows
+    diagnostics_kind: str = "none"
+
+    def per_class_diagnostics(self) -> dict[str, Tensor]:
+        """metric name -> (K,) tensor, logged per class after each evaluation ({}: none)."""
+        return {}
+
+
+class IdentityRefiner(PerClassDiagnostics, nn.Module):
     """No refinement: pseudo-labels come from the classifier alone."""
 
     needs_labeled_features = False

@@ -151,6 +151,8 @@ def estimate_distribution(confusion: Tensor, predicted_counts: Tensor
 class DARP(IdentityRefiner):
     """Pseudo-label refiner over the whole unlabeled set; see the module docstring."""
 
+    diagnostics_kind = "darp"
+
     def __init__(self, num_classes: int, num_unlabeled: int, labeled_counts, *,
                  warmup_ratio: float = 0.4, per_iters: int = 10, alpha: float = 2.0,
                  num_darp_iters: int = 10, target: str = "labeled",
@@ -210,6 +212,10 @@ class DARP(IdentityRefiner):
         if self.target == "estimate" and int(self.estimate_count) > 0:
             return self.estimate_sum / self.estimate_count
         return self.base_target
+
+    def per_class_diagnostics(self) -> dict[str, Tensor]:
+        """The target class counts ``c`` the solver matches (DARP Eq. 3)."""
+        return {"target_count": self.target_counts()}
 
     def warmup_steps(self, total_steps: int) -> int:
         """Steps without refinement: ``int(total_steps * warmup_ratio)`` (official)."""

@@ -156,6 +156,8 @@ class DASO(DASOEngineHooks):
     ``DASOEngineHooks``) are imbssl's engine hooks, not for user code.
     """
 
+    diagnostics_kind = "daso"
+
     def __init__(self, num_classes: int, feat_dim: int, queue_size: int = 256,
                  proto_temperature: float = 0.05, dist_temperature: float = 1.5,
                  warmup_iters: int = 5000, dist_window: int = 100, *,
@@ -285,6 +287,11 @@ class DASO(DASOEngineHooks):
             return torch.full_like(self.m_hat, self.fixed_weight)
         v = self.m_hat.pow(1.0 / self.dist_temperature)
         return v / v.max().clamp_min(torch.finfo(v.dtype).tiny)
+
+    def per_class_diagnostics(self) -> dict[str, Tensor]:
+        """``m_hat`` (distribution of the final pseudo-labels) and the blend weights ``v``
+        (DASO Eqs. 5-6) per class."""
+        return {"m_hat": self.m_hat, "blend_weight": self.blend_weights()}
 
     def blend(self, linear_probs: Tensor, semantic_probs: Tensor) -> Tensor:
         """``p' = (1 - v[k]) * p + v[k] * q`` with ``k = argmax p`` per row, in float32

@@ -12,12 +12,15 @@ import torch
 from torch import Tensor, nn
 
 from imbssl.collectives import all_reduce_mean
+from imbssl.pseudo.base import PerClassDiagnostics
 
 TARGETS = ("labeled", "uniform")
 
 
-class DistAlign(nn.Module):
+class DistAlign(PerClassDiagnostics, nn.Module):
     """p_aligned = Normalize(p * target / running_mean(p)); target = labeled p(y) or uniform."""
+
+    diagnostics_kind = "dist_align"
 
     def __init__(self, num_classes: int, target: str = "labeled", window: int = 128,
                  labeled_prior: Tensor | None = None, eps: float = 1e-6):
@@ -49,6 +52,10 @@ class DistAlign(nn.Module):
         """Mean of the filled slots (p~(y))."""
         filled = self.count.clamp(min=1, max=self.window).to(self.history.dtype)
         return self.history.sum(0) / filled
+
+    def per_class_diagnostics(self) -> dict[str, Tensor]:
+        """The alignment target p(y) and the running mean p~(y) it divides by."""
+        return {"target": self.target, "running_mean": self.running_mean()}
 
     @torch.no_grad()
     def forward(self, probs: Tensor) -> Tensor:
