@@ -166,10 +166,11 @@ class Generations:
 
 
 class ReMixMatchCReST(Generations, ReMixMatch):
-    """ReMixMatch as the learner of each CReST generation (official ``rm_crest.py``); built by
-    ``CReST`` when ``algorithm.base=remixmatch``."""
+    """ReMixMatch as the learner of each CReST generation (official ``rm_crest.py``): the class
+    ``algorithm=crest`` trains with ``algorithm.base=remixmatch`` (see ``crest_learner``)."""
 
     Config = CReSTConfig
+    registered_name = "crest"
 
     def __init__(self, cfg: CReSTConfig, num_classes: int, feat_dim: int,
                  labeled_labels: Tensor, refiner=None):
@@ -183,19 +184,30 @@ class ReMixMatchCReST(Generations, ReMixMatch):
         return linear_rampup(phase_step, phase_total, self.cfg.rampup_ratio)
 
 
-@register("crest")
+class ReMixMatchCReSTPlus(ReMixMatchCReST):
+    """CReST+ on ReMixMatch (DASO Table 13's "ReMixMatch w/ CReST+")."""
+
+    Config = CReSTPlusConfig
+    registered_name = "crest_plus"
+
+
+def crest_learner(cfg: CReSTConfig) -> type:
+    """The class ``algorithm=crest`` trains with: CReST's generations around the base learner
+    ``cfg.base`` (FixMatch: ``CReST``; ReMixMatch: ``ReMixMatchCReST``)."""
+    return ReMixMatchCReST if cfg.base == "remixmatch" else CReST
+
+
+def crest_plus_learner(cfg: CReSTPlusConfig) -> type:
+    """The class ``algorithm=crest_plus`` trains with (as ``crest_learner``)."""
+    return ReMixMatchCReSTPlus if cfg.base == "remixmatch" else CReSTPlus
+
+
+@register("crest", learner=crest_learner)
 class CReST(Generations, FixMatch):
-    """FixMatch (or, with ``base=remixmatch``, ReMixMatch) whose labeled set grows,
-    class-rebalanced, between generations."""
+    """FixMatch whose labeled set grows, class-rebalanced, between generations (the class of
+    ``algorithm=crest``; with ``base=remixmatch`` the registry builds ``ReMixMatchCReST``)."""
 
     Config = CReSTConfig
-
-    def __new__(cls, cfg: CReSTConfig | None = None, *args, **kwargs):
-        if getattr(cfg, "base", "fixmatch") == "remixmatch":  # cfg None: copy / unpickle
-            algo = ReMixMatchCReST(cfg, *args, **kwargs)
-            algo.registered_name = cls.registered_name
-            return algo  # not a CReST: Python skips CReST.__init__
-        return super().__new__(cls)
 
     def __init__(self, cfg: CReSTConfig, num_classes: int, feat_dim: int,
                  labeled_labels: Tensor, refiner=None):
@@ -205,12 +217,13 @@ class CReST(Generations, FixMatch):
 
     @classmethod
     def make_heads(cls, cfg, feat_dim: int, num_classes: int):
+        """The heads of the learner ``cfg.base`` (ReMixMatch's rotation head)."""
         if cfg.base == "remixmatch":
             return ReMixMatchCReST.make_heads(cfg, feat_dim, num_classes)
         return super().make_heads(cfg, feat_dim, num_classes)
 
 
-@register("crest_plus")
+@register("crest_plus", learner=crest_plus_learner)
 class CReSTPlus(CReST):
     """CReST with progressive distribution alignment (CReST+, the DASO paper's comparator)."""
 

@@ -45,7 +45,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from imbssl.algorithms import Batch, StepState, get_algorithm
+from imbssl.algorithms import Batch, StepState, algorithm_class, get_algorithm
 from imbssl.data import DataError, DatasetConfig, build_data
 from imbssl.data.device_loader import make_stream
 from imbssl.diagnostics.logfile import RunLog
@@ -88,8 +88,8 @@ class Trainer(RunState, PeriodicWork, DataPhases, ScalarLog, Stops):
         self.ocfg: OptimConfig = typed(cfg, "optim", OptimConfig)
         self.mcfg: ModelConfig = typed(cfg, "model", ModelConfig)
         self.dcfg: DatasetConfig = typed(cfg, "dataset", DatasetConfig)
-        algo_cls = get_algorithm(str(cfg.algorithm.name))
-        algo_cfg = typed(cfg, "algorithm", algo_cls.Config)
+        algo_cfg = typed(cfg, "algorithm", get_algorithm(str(cfg.algorithm.name)).Config)
+        algo_cls = algorithm_class(str(cfg.algorithm.name), algo_cfg)
         pseudo_cfg = self._pseudo_config(cfg)
         check_all(cfg, self.tcfg, self.ocfg, self.mcfg, self.dcfg, algo_cfg, pseudo_cfg)
         self.world, self.rank = ddp.world_size(), ddp.rank()

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from imbssl.algorithms import algorithm_class
 from imbssl.algorithms.base import StepState
 from imbssl.algorithms.crest import CReST, CReSTPlus, ReMixMatchCReST
 from imbssl.algorithms.remixmatch import ReMixMatch
@@ -27,14 +28,16 @@ LABELS = torch.tensor([0] * 8 + [1] * 4 + [2] * 2 + [3] * 1)
 
 
 def _build(algo_cls, **overrides):
+    """The registry names the learner class for the config (no __new__ trick)."""
     cfg = algo_cls.Config(base="remixmatch", **overrides)
-    return algo_cls(cfg, 4, 16, LABELS)
+    return algorithm_class(algo_cls.registered_name, cfg)(cfg, 4, 16, LABELS)
 
 
 def test_base_remixmatch_builds_a_remixmatch_learner_with_its_rotation_head():
     algo = _build(CReSTPlus)
     assert isinstance(algo, ReMixMatchCReST) and isinstance(algo, ReMixMatch)
-    assert algo.registered_name == "crest_plus"
+    assert algo.registered_name == "crest_plus" and algo.cfg.progressive_align
+    assert algorithm_class("crest", CReST.Config()) is CReST  # base=fixmatch
     assert set(CReSTPlus.make_heads(algo.cfg, 16, 4)) == {"rotation"}
     assert CReST.make_heads(CReST.Config(), 16, 4) == {}  # FixMatch learner: no heads
     # the CReST rates of the labeled counts (8, 4, 2, 1), alpha 3: (1/8)^(1/3) for the head
