@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU validation in one command (issue 13): every CUDA path, the speed and a 5-minute
 # accuracy curve, written to gpu_validate.json + gpu_validate.md (+ gpu_validate.log).
-# What it checks: imbssl/bench/validate.py; the figures it produced: BENCHMARKS.md.
+# What it checks: imbssl/bench/validate/; the figures it produced: BENCHMARKS.md.
 #
 # 1. Here, once (the device machine cannot reach /work/shared, the venv or PyPI):
 #        bash analysis/gpu_validate.sh --prep
