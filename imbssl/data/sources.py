@@ -212,8 +212,9 @@ class _NdarrayType:
     """Stands for ``numpy.ndarray`` in a pickle: an argument of ``_reconstruct`` only. Called
     directly it would allocate an array of any declared shape from a few bytes of file."""
 
-    def __new__(cls, *args, **kwargs):
-        raise _RefusedGlobal("'numpy.ndarray' called directly (an array without its data)")
+    def __new__(cls, shape=None, *args, **kwargs):
+        raise _OversizedArray(f"an array of shape {shape!r:.60} without its data (numpy.ndarray "
+                              f"called directly)")
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -246,7 +247,8 @@ class _CifarUnpickler(pickle.Unpickler):
             raise _OversizedArray(f"an array of shape {shape!r:.60}") from None
         if count > self.max_bytes:  # every element takes at least one byte of the file
             raise _OversizedArray(f"an array of shape {tuple(shape)!r:.60} ({count:,} "
-                                  f"elements) in a file of {self.max_bytes:,} bytes")
+                                  f"elements) in a file of {self.max_bytes:,} bytes, more "
+                                  f"than the file holds")
         return _NUMPY_GLOBALS["_reconstruct"](np.ndarray, shape, dtype_code)
 
 
@@ -264,9 +266,8 @@ def _read_pickle(path: Path) -> dict:
                         f"run code or allocate memory without data; refused without loading "
                         f"it. Delete it and get the dataset again") from None
     except _OversizedArray as exc:
-        raise DataError(f"{path} is corrupted: it declares {exc}, more than the file holds; "
-                        f"refused before allocating it. Delete it and get the dataset "
-                        f"again") from None
+        raise DataError(f"{path} is corrupted: it declares {exc}; refused before allocating "
+                        f"it. Delete it and get the dataset again") from None
     except Exception as exc:  # UnpicklingError, EOFError, ValueError, MemoryError, ...
         msg = str(exc).splitlines()[0] if str(exc) else ""
         raise DataError(f"{path} is corrupted or truncated ({type(exc).__name__}: {msg}); "
