@@ -106,9 +106,11 @@ def _load_cifar(name: str, root: Path, download: bool) -> SourceData:
         if not download:
             raise DataError(_missing_cifar_message(spec, folder))
         _torchvision_download(spec, root)
-    names = _read_class_names(folder / spec["meta"], spec["names"], spec["classes"])
-    train_x, train_y = _read_cifar_batches(folder, spec["train"], spec["labels"], len(names))
-    test_x, test_y = _read_cifar_batches(folder, spec["test"], spec["labels"], len(names))
+    # labels and names both checked against the class count, so against each other too
+    k = spec["classes"]
+    train_x, train_y = _read_cifar_batches(folder, spec["train"], spec["labels"], k)
+    test_x, test_y = _read_cifar_batches(folder, spec["test"], spec["labels"], k)
+    names = _read_class_names(folder / spec["meta"], spec["names"], k)
     return SourceData(train_x, train_y, test_x, test_y, names)
 
 
