@@ -335,11 +335,14 @@ class DASO(DASOEngineHooks):
         """cos(features, prototypes) / T_proto, (B, K), in float32 (autocast off);
         gradient flows into ``features``. With ``check_inputs``: refused while every queue is
         empty (each prototype is zero, ``q`` would be uniform) or for non-finite rows."""
-        self._check_features(features, "semantic_logits", "features")
-        if self.check_inputs:
-            self._check_queued("semantic_logits")
-            _check_finite_rows(features, "semantic_logits", "features")
+        self._check_semantic_input(features, "semantic_logits")
         return self._similarity_logits(features)
+
+    def _check_semantic_input(self, features: Tensor, method: str) -> None:
+        self._check_features(features, method, "features")
+        if self.check_inputs:
+            self._check_queued(method)
+            _check_finite_rows(features, method, "features")
 
     def _similarity_logits(self, features: Tensor) -> Tensor:
         dtype = torch.promote_types(self.queue.dtype, torch.float32)
@@ -352,10 +355,8 @@ class DASO(DASOEngineHooks):
         """Semantic pseudo-label ``softmax(cos(features, prototypes) / T_proto)``, (B, K),
         float32, for the features (B, feat_dim) of the current unlabeled batch. Call
         ``enqueue`` first: with ``check_inputs`` it refuses while every queue is empty."""
-        if self.check_inputs:
-            self._check_features(features, "semantic_probs", "features")
-            self._check_queued("semantic_probs")
-        return self.semantic_logits(features).softmax(dim=-1)
+        self._check_semantic_input(features, "semantic_probs")
+        return self._similarity_logits(features).softmax(dim=-1)
 
     # ------------------------------------------------------------------ blending
     def blend_weights(self) -> Tensor:
