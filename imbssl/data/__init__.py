@@ -77,6 +77,7 @@ def build_data(cfg: Any, device: torch.device | str = "cpu") -> DataBundle:
     size = int(get("image_size"))
     view_size = size if bool(get("resize_views")) else 0  # resize per view, not at load
     src = resized(src, size, keep_train=view_size > 0)
+    check_image_size(src.test_images.shape[1:3], name)
     k = src.num_classes
     has_extra = src.extra_unlabeled_images is not None
     try:
@@ -123,18 +124,49 @@ def geometric_fill(value: Any) -> int:
     return value
 
 
+#: the smallest images imbssl trains on (a model's pooling shrinks smaller ones to nothing)
+MIN_IMAGE_SIZE = 4
+#: the largest dataset.image_size: every image lives on the device as uint8
+MAX_IMAGE_SIZE = 1024
+
+
+def check_image_size(height_width: tuple[int, int], name: str) -> None:
+    """Images smaller than MIN_IMAGE_SIZE are refused (a model's pooling would shrink them to
+    nothing), naming dataset.image_size as the fix."""
+    h, w = (int(v) for v in height_width)
+    if min(h, w) < MIN_IMAGE_SIZE:
+        raise DataError(f"dataset {name}: its images are {w}x{h} pixels; imbssl needs at least "
+                        f"{MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}: set dataset.image_size=32 (or "
+                        f"another size >= {MIN_IMAGE_SIZE}) to resize them at load")
+
+
 def resized(src: SourceData, size: int, keep_train: bool = False) -> SourceData:
     """``src`` with every image resized to size x size (antialiased bilinear); 0 keeps it;
     ``keep_train``: the test images only (the views resize the train images)."""
-    if size < 0:
-        raise DataError(f"dataset.image_size must be >= 0 (0 keeps the native size), got {size}")
+    if size != 0 and not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise DataError(f"dataset.image_size={size} is invalid: it must be 0 (keep the native "
+                        f"size) or in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}]")
     if size == 0 or src.test_images.shape[1:3] == (size, size):
         return src
     fields = ("test_images",) if keep_train else (
         "train_images", "test_images", "extra_unlabeled_images")
+    _check_resized_memory(src, fields, size)
     changes = {f: resize_images(getattr(src, f), size) for f in fields
                if getattr(src, f) is not None}
     return dataclasses.replace(src, **changes)
+
+
+def _check_resized_memory(src: SourceData, fields: tuple[str, ...], size: int) -> None:
+    """Refuse an image_size whose resized copies would not fit in half of the memory."""
+    from .sources import _physical_memory
+
+    count = sum(len(getattr(src, f)) for f in fields if getattr(src, f) is not None)
+    need = count * size * size * src.test_images.shape[3]
+    have = _physical_memory()
+    if have and need > have // 2:
+        raise DataError(f"dataset.image_size={size}: resizing {count} images needs "
+                        f"{need / 2**30:.1f} GiB, more than half of this machine's "
+                        f"{have / 2**30:.1f} GiB; choose a smaller dataset.image_size")
 
 
 def resize_images(images_nhwc: np.ndarray, size: int, chunk: int = 4096) -> np.ndarray:

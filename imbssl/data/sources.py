@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import os
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,8 +36,8 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "imagefolder": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
 
-CIFAR10_MATERIALIZE_HINT = "python ../shared/data/materialize.py datasets/"
 CACHE_NAME = ".imbssl_cache.npz"
+DECODER_VERSION = 2  # part of the cache fingerprint: 2 = 16-bit images scaled, not clipped
 DIGITS_TEST_PER_CLASS = 50
 
 
@@ -87,11 +88,14 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
 _CIFAR = {
     "cifar10": dict(title="CIFAR-10", folder="cifar-10-batches-py",
                     train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
-                    meta="batches.meta", names="label_names", labels="labels", tv="CIFAR10"),
+                    meta="batches.meta", names="label_names", labels="labels", tv="CIFAR10",
+                    classes=10, files="data_batch_1 .. data_batch_5, test_batch, batches.meta"),
     "cifar100": dict(title="CIFAR-100", folder="cifar-100-python", train=["train"],
                      test=["test"], meta="meta", names="fine_label_names",
-                     labels="fine_labels", tv="CIFAR100"),
+                     labels="fine_labels", tv="CIFAR100", classes=100,
+                     files="train, test, meta"),
 }
+CIFAR_ROW = 3 * 32 * 32  # one image: the R, G and B planes of 32x32 pixels
 
 
 def _load_cifar(name: str, root: Path, download: bool) -> SourceData:
@@ -102,20 +106,31 @@ def _load_cifar(name: str, root: Path, download: bool) -> SourceData:
         if not download:
             raise DataError(_missing_cifar_message(spec, folder))
         _torchvision_download(spec, root)
-    train_x, train_y = _read_cifar_batches(folder, spec["train"], spec["labels"])
-    test_x, test_y = _read_cifar_batches(folder, spec["test"], spec["labels"])
-    meta = _read_pickle(folder / spec["meta"])
-    names = _get_key(meta, spec["names"], folder / spec["meta"])
-    return SourceData(train_x, train_y, test_x, test_y, [str(n) for n in names])
+    # labels and names both checked against the class count, so against each other too
+    k = spec["classes"]
+    train_x, train_y = _read_cifar_batches(folder, spec["train"], spec["labels"], k)
+    test_x, test_y = _read_cifar_batches(folder, spec["test"], spec["labels"], k)
+    names = _read_class_names(folder / spec["meta"], spec["names"], k)
+    return SourceData(train_x, train_y, test_x, test_y, names)
 
 
 def _missing_cifar_message(spec: dict, folder: Path) -> str:
     """The one error for a missing CIFAR folder, naming both ways to get the data."""
-    hint = (f" (in this project's dev environment: `{CIFAR10_MATERIALIZE_HINT}`)"
-            if spec["tv"] == "CIFAR10" else "")
-    return (f"{spec['title']} not found: expected the python-version folder {folder}. "
-            f"Either set dataset.download=true to download it through torchvision, "
-            f"or put the files there{hint}.")
+    return (f"{spec['title']} not found: expected the python-version folder {folder} "
+            f"(files {spec['files']}). Either set dataset.download=true to download it "
+            f"through torchvision, or put the files there.")
+
+
+def _read_class_names(path: Path, key: str, num_classes: int) -> list[str]:
+    """The class names of a CIFAR meta file: exactly ``num_classes`` strings."""
+    names = _get_key(_read_pickle(path), key, path)
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{path} is corrupted: {key!r} must be a list of class-name strings, "
+                        f"got {_kind(names)}")
+    if len(names) != num_classes:
+        raise DataError(f"{path} is corrupted: {key!r} holds {len(names)} class names but the "
+                        f"dataset has {num_classes} classes; delete it and get the dataset again")
+    return list(names)
 
 
 def _torchvision_download(spec: dict, root: Path) -> None:
@@ -128,21 +143,51 @@ def _torchvision_download(spec: dict, root: Path) -> None:
         raise DataError(f"downloading {spec['title']} into {root} failed: {exc}") from exc
 
 
-def _read_cifar_batches(folder: Path, files: list[str], label_key: str):
+def _read_cifar_batches(folder: Path, files: list[str], label_key: str, num_classes: int):
     """Concatenate the images (N, 32, 32, 3) uint8 and int64 labels of some batch files."""
     xs, ys = [], []
     for fname in files:
         path = folder / fname
         batch = _read_pickle(path)
-        data = np.asarray(_get_key(batch, "data", path), dtype=np.uint8)
-        labels = np.asarray(_get_key(batch, label_key, path), dtype=np.int64)
-        if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+        data = _integer_array(_get_key(batch, "data", path), path, "data", 0, 256)
+        labels = _integer_array(_get_key(batch, label_key, path), path, label_key, 0,
+                                num_classes)
+        if data.ndim != 2 or data.shape[1] != CIFAR_ROW or labels.ndim != 1 \
+                or len(data) != len(labels):
             raise DataError(f"{path} is corrupted: data has shape {data.shape} for "
-                            f"{len(labels)} labels, expected (N, 3072)")
+                            f"{len(labels)} labels, expected (N, {CIFAR_ROW})")
         # Rows are channel-major (R plane, G plane, B plane), 32x32 each.
-        xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        ys.append(labels)
+        xs.append(data.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.append(labels.astype(np.int64))
     return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys)
+
+
+def _integer_array(value, path: Path, key: str, low: int, high: int) -> np.ndarray:
+    """``value`` as an integer array whose entries lie in [low, high), else a DataError that
+    names the file, the entry and the first bad value."""
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError, OverflowError) as exc:  # ragged nested lists, ...
+        raise DataError(f"{path} is corrupted: {key!r} is not an array ({exc})") from None
+    if arr.dtype.kind not in "iu":
+        raise DataError(f"{path} is corrupted: {key!r} must hold integers, got "
+                        f"{_kind(value)} of {arr.dtype}; delete it and get the dataset again")
+    if arr.dtype == np.uint8 and low <= 0 and high >= 256:
+        return arr  # the official files' pixels: in range by their type
+    bad = (arr < low) | (arr >= high)
+    if bad.any():
+        what = "pixel values" if key == "data" else "class labels"
+        raise DataError(f"{path} is corrupted: {key!r} holds {int(bad.sum())} {what} outside "
+                        f"[{low}, {high - 1}] (first: {arr[bad].flat[0]}); delete it and get "
+                        f"the dataset again")
+    return arr
+
+
+def _kind(value) -> str:
+    """A short description of a value read from a data file."""
+    if isinstance(value, list | tuple) and value:
+        return f"a {type(value).__name__} of {type(value[0]).__name__}"
+    return f"a {type(value).__name__}"
 
 
 # The only globals a CIFAR pickle refers to: numpy's array reconstruction (numpy 1 writes
@@ -153,7 +198,6 @@ _NUMPY_GLOBALS = {
     "_reconstruct": np.ndarray((0,)).__reduce__()[0],
     "_frombuffer": np.ndarray((0,)).__reduce_ex__(5)[0],
     "scalar": np.float64(0).__reduce__()[0],
-    "ndarray": np.ndarray,
     "dtype": np.dtype,
 }
 _NUMPY_MODULES = {"numpy", "numpy.core.multiarray", "numpy._core.multiarray",
@@ -164,15 +208,52 @@ class _RefusedGlobal(pickle.UnpicklingError):
     """The pickle names a global that a CIFAR file never holds."""
 
 
+class _OversizedArray(pickle.UnpicklingError):
+    """The pickle declares an array larger than the file could hold."""
+
+
+class _NdarrayType:
+    """Stands for ``numpy.ndarray`` in a pickle: an argument of ``_reconstruct`` only. Called
+    directly it would allocate an array of any declared shape from a few bytes of file."""
+
+    def __new__(cls, shape=None, *args, **kwargs):
+        raise _OversizedArray(f"an array of shape {shape!r:.60} without its data (numpy.ndarray "
+                              f"called directly)")
+
+
 class _CifarUnpickler(pickle.Unpickler):
-    """An unpickler that builds only plain containers, strings, bytes, numbers and arrays."""
+    """An unpickler that builds only plain containers, strings, bytes, numbers and arrays,
+    and no array larger than the file it reads (``max_bytes``)."""
+
+    def __init__(self, file, max_bytes: int, **kwargs):
+        super().__init__(file, **kwargs)
+        self.max_bytes = max_bytes
 
     def find_class(self, module: str, name: str):
+        if module in _NUMPY_MODULES and name == "ndarray":
+            return _NdarrayType
+        if module in _NUMPY_MODULES and name == "_reconstruct":
+            return self._reconstruct
         if module in _NUMPY_MODULES and name in _NUMPY_GLOBALS:
             return _NUMPY_GLOBALS[name]
         if (module, name) == ("_codecs", "encode"):
             return codecs.encode
         raise _RefusedGlobal(repr(f"{module}.{name}")[:100])
+
+    def _reconstruct(self, subtype, shape, dtype_code):
+        """numpy's ``_reconstruct(ndarray, shape, dtype)``, which allocates ``shape`` before
+        ``__setstate__`` brings the data: the declared size is checked against the file."""
+        if subtype is not _NdarrayType:
+            raise _RefusedGlobal(f"_reconstruct of {subtype!r}"[:100])
+        try:
+            count = int(np.prod(np.asarray(shape, dtype=np.int64), dtype=np.float64))
+        except (TypeError, ValueError, OverflowError):
+            raise _OversizedArray(f"an array of shape {shape!r:.60}") from None
+        if count > self.max_bytes:  # every element takes at least one byte of the file
+            raise _OversizedArray(f"an array of shape {tuple(shape)!r:.60} ({count:,} "
+                                  f"elements) in a file of {self.max_bytes:,} bytes, more "
+                                  f"than the file holds")
+        return _NUMPY_GLOBALS["_reconstruct"](np.ndarray, shape, dtype_code)
 
 
 def _read_pickle(path: Path) -> dict:
@@ -180,14 +261,18 @@ def _read_pickle(path: Path) -> dict:
     one-line DataError."""
     try:
         with open(path, "rb") as f:
-            obj = _CifarUnpickler(f, encoding="latin1").load()
+            size = os.fstat(f.fileno()).st_size
+            obj = _CifarUnpickler(f, max_bytes=size, encoding="latin1").load()
     except FileNotFoundError as exc:
         raise DataError(f"missing file {path}; the dataset folder is incomplete") from exc
     except _RefusedGlobal as exc:
         raise DataError(f"{path} is not a CIFAR data file: it refers to {exc}, which could "
-                        f"run code; refused without loading it. Delete it and get the dataset "
-                        f"again") from None
-    except Exception as exc:  # UnpicklingError, EOFError, ValueError, ...
+                        f"run code or allocate memory without data; refused without loading "
+                        f"it. Delete it and get the dataset again") from None
+    except _OversizedArray as exc:
+        raise DataError(f"{path} is corrupted: it declares {exc}; refused before allocating "
+                        f"it. Delete it and get the dataset again") from None
+    except Exception as exc:  # UnpicklingError, EOFError, ValueError, MemoryError, ...
         msg = str(exc).splitlines()[0] if str(exc) else ""
         raise DataError(f"{path} is corrupted or truncated ({type(exc).__name__}: {msg}); "
                         f"delete it and get the dataset again") from exc
@@ -305,7 +390,7 @@ def _list_split(root: Path, split: str, class_names: list[str]) -> list[tuple[Pa
 
 def _fingerprint(root: Path, files: dict) -> str:
     """A hash of every file's relative path, size and modification time."""
-    h = hashlib.sha1()
+    h = hashlib.sha1(f"decoder {DECODER_VERSION}\n".encode())
     for split in ("train", "test"):
         for path, label in files[split]:
             st = path.stat()
@@ -313,25 +398,73 @@ def _fingerprint(root: Path, files: dict) -> str:
     return h.hexdigest()
 
 
+#: Pillow modes of 16-bit single-channel images (PNG, TIFF, PGM): scaled to 8 bits, not clipped
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+#: Pillow modes with no 8-bit meaning (32-bit integer or float pixels): refused
+_UNSUPPORTED_MODES = ("I", "F", "I;32", "I;32B", "I;32L", "F;32", "F;32B")
+
+
 def _decode_all(paths: list[Path]) -> np.ndarray:
     """Decode every file to RGB uint8; all must share the first file's size."""
-    from PIL import Image, UnidentifiedImageError
-
     out = None
     for i, path in enumerate(paths):
-        try:
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise DataError(f"{path} is not a readable image file ({exc})") from exc
+        arr = decode_image(path)
         if out is None:
-            out = np.empty((len(paths), *arr.shape), dtype=np.uint8)
+            out = _allocate_images(len(paths), arr.shape, path)
         elif arr.shape != out.shape[1:]:
             raise DataError(
                 f"{path} is {arr.shape[1]}x{arr.shape[0]} but {paths[0]} is "
                 f"{out.shape[2]}x{out.shape[1]}: all images must have the same size")
         out[i] = arr
     return out
+
+
+def decode_image(path: Path) -> np.ndarray:
+    """One image file as RGB uint8 (H, W, 3). 16-bit images keep their high byte (``v >> 8``:
+    65535 -> 255, as Pillow decodes 16-bit colour PNGs), never clipped; a header larger than Pillow's
+    decompression-bomb limit, or 32-bit / float pixels, is a DataError (nothing decoded)."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.mode in _UNSUPPORTED_MODES:
+                    raise DataError(f"{path} has {im.mode!r} pixels (32-bit integer or float); "
+                                    f"imbssl reads 8- and 16-bit images: convert it to 8-bit")
+                if im.mode in _SIXTEEN_BIT_MODES:
+                    gray = (np.asarray(im).astype(np.uint32) >> 8).astype(np.uint8)
+                    return np.repeat(gray[..., None], 3, axis=2)
+                return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"{path} declares an image too large to decode safely ({exc}); resize "
+                        f"it or remove it") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"{path} is not a readable image file ({exc})") from exc
+
+
+def _allocate_images(count: int, shape: tuple[int, ...], first: Path) -> np.ndarray:
+    """The (count, H, W, 3) uint8 array for every image, refused when it would not fit in
+    this machine's memory."""
+    need = count * int(np.prod(shape))
+    have = _physical_memory()
+    if have and need > have // 2:
+        raise DataError(f"decoding {count} images of {shape[1]}x{shape[0]} (the size of "
+                        f"{first}) needs {need / 2**30:.1f} GiB, more than half of this "
+                        f"machine's {have / 2**30:.1f} GiB; resize the images first")
+    return np.empty((count, *shape), dtype=np.uint8)
+
+
+def _physical_memory() -> int:
+    """Bytes of physical memory (0 when unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def _read_cache(path: Path, fingerprint: str) -> SourceData | None:

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from imbssl.diagnostics.metrics import PER_CLASS_COLUMNS, median_of_last
+from imbssl.errors import UserError
 from imbssl.fileio import atomic_open
 
 METRICS_FILE = "metrics.jsonl"
@@ -105,14 +106,18 @@ def _complete_text(path: Path) -> str:
 
 
 def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """metrics.jsonl as a DataFrame (columns step, split, metrics...); bad lines are skipped."""
+    """metrics.jsonl as a DataFrame (columns step, split, metrics...). Lines that are not JSON
+    (a write cut short) are skipped; a JSON row with a step, split or value of the wrong
+    type is damage, a one-line ``UserError`` naming the line."""
+    path = Path(run_dir) / METRICS_FILE
     records = []
-    for line in _complete_text(Path(run_dir) / METRICS_FILE).splitlines():
+    for number, line in enumerate(_complete_text(path).splitlines(), start=1):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError:
             continue
         if isinstance(obj, dict) and "step" in obj:
+            _check_metrics_row(obj, path, number)
             records.append(obj)
     if not records:
         return pd.DataFrame({"step": pd.Series(dtype="int64"), "split": pd.Series(dtype=str)})
@@ -125,6 +130,23 @@ def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
         return df
     # rows of one (step, split) are merged; a resumed run's re-logged values win
     return df.groupby(["step", "split"], sort=True).last().reset_index()
+
+
+def _check_metrics_row(row: dict, path: Path, number: int) -> None:
+    """An integer step, a string split and numbers (or null) elsewhere, as the trainer writes."""
+    def bad(what: str) -> UserError:
+        return UserError(f"{path} line {number} is damaged ({what}); repair or delete that line")
+
+    step = row["step"]
+    if isinstance(step, bool) or not (isinstance(step, int) or (
+            isinstance(step, float) and math.isfinite(step) and step.is_integer())):
+        raise bad(f"step {str(step)[:40]!r} is not an integer")
+    if not isinstance(row.get("split", ""), str | type(None)):
+        raise bad(f"split {str(row['split'])[:40]!r} is not a string")
+    for key, value in row.items():
+        if key not in ("step", "split") and value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float)):
+            raise bad(f"{str(key)[:40]!r} is {str(value)[:40]!r}, not a number")
 
 
 def empty_per_class() -> pd.DataFrame:
@@ -172,7 +194,12 @@ def read_config(run_dir: str | os.PathLike) -> dict:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         return {}
-    obj = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:
+        obj = yaml.safe_load(path.read_text(encoding="utf-8", errors="replace"))
+    except yaml.YAMLError as exc:  # a tag such as !!python/object (never run) or bad syntax
+        reason = " ".join(str(exc).split())[:160]
+        raise UserError(f"{path} cannot be read as plain YAML ({reason}); the run folder is "
+                        f"damaged: restore config.yaml or leave this run out") from None
     return obj if isinstance(obj, dict) else {}
 
 

@@ -81,6 +81,7 @@ def check_all(cfg: Any, tcfg: Any, ocfg: Any, mcfg: Any, dcfg: Any, algo_cfg: An
     seed = cfg.get("seed", 0)
     if not (isinstance(seed, int) and 0 <= seed < 2**31):
         raise fail("seed", seed, "an integer in [0, 2^31)")
+    check_path_names("run_dir", cfg.get("run_dir"))
 
 
 def _checks(rows: list[tuple[bool, str, Any, str]]) -> None:
@@ -151,3 +152,18 @@ def check_dataset(d: Any) -> None:
         (d.num_valid_per_class >= 0, "dataset.num_valid_per_class", d.num_valid_per_class,
          ">= 0"),
     ])
+
+
+#: the longest file or folder name most file systems accept (bytes, NAME_MAX)
+NAME_MAX = 255
+
+
+def check_path_names(key: str, value: Any) -> None:
+    """Every folder name in the path ``value`` fits the file system (<= NAME_MAX bytes)."""
+    if not isinstance(value, str):
+        return
+    for part in value.split("/"):
+        size = len(part.encode("utf-8", errors="surrogateescape"))
+        if size > NAME_MAX:
+            raise fail(key, f"{value[:40]}...", f"a path whose folder names have at most "
+                       f"{NAME_MAX} bytes (one has {size})", f"choose a shorter {key}")

@@ -300,7 +300,13 @@ def test_from_config_and_yaml_defaults():
 
 
 def test_hot_path_has_no_host_sync(monkeypatch):
-    d = make(num_classes=3, feat_dim=4, queue_size=2, warmup_iters=0, dist_window=2)
+    from omegaconf import OmegaConf
+
+    # built as the engine builds it (check_inputs=False: the user API's value checks sync)
+    d = build_refiner(OmegaConf.merge(OmegaConf.structured(DASOConfig),
+                                      {"queue_size": 2, "warmup_iters": 0, "dist_window": 2}),
+                      num_classes=3, feat_dim=4)
+    assert isinstance(d, DASO) and not d.check_inputs
 
     def sync(*args, **kwargs):
         raise AssertionError("host sync in the DASO hot path")
