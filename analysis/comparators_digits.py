@@ -99,6 +99,13 @@ ROWS: list[Row] = [
     Row("remixmatch+darp", ("algorithm=remixmatch", "pseudo=darp"), ("Table 13, N1 500", 72.2)),
     Row("remixmatch+crest_plus", ("algorithm=crest_plus", "pseudo=none", *CREST,
                                   *REMIXMATCH_IN_CREST), ("Table 13, N1 500", 75.6)),
+    # USB's long-tailed methods (issue 29), not in the DASO paper: Adsh's and SAW's epochs ->
+    # 20 iterations (as ACR's); DebiasPL's q_hat momentum 0.999 -> 0.99 (100 iterations)
+    *[Row(f"{name}{'+daso' if daso else ''}", (*algo, *(_daso() if daso else ("pseudo=none",))))
+      for name, algo in (("adsh", ("algorithm=adsh", "algorithm.epoch_iters=20")),
+                         ("saw", ("algorithm=saw", "algorithm.epoch_iters=20")),
+                         ("debiaspl", ("algorithm=debiaspl", "algorithm.qhat_momentum=0.99")))
+      for daso in (False, True)],
 ]
 
 
