@@ -69,10 +69,13 @@ from imbssl.engine.config import OptimConfig, TrainerConfig, typed
 from imbssl.engine.evaluate import confusion_matrix
 from imbssl.engine.rng import rng_state, seed_everything, set_rng_state
 from imbssl.engine.run_dir import (
+    check_resume_config,
     check_run_dir,
     environment,
     git_commit,
     prepare_run_dir,
+    record_resume,
+    take_run_lock,
     truncate_logs,
     write_meta,
 )
@@ -230,6 +233,8 @@ class Trainer:
         self._saved_step = -1  # the step of the last checkpoint written or loaded
         self._missing: list[str] = []  # evaluations / report parts that failed
         self._prepared = False
+        self._lock = None  # RUN/.lock while this run may write its folder (process 0)
+        self._resume_changes: dict = {}  # config keys a resume changed (RESUMABLE_KEYS)
         self._tb = None
         self._start_rng = rng_state()  # run() starts from here whatever ran in between
 
@@ -445,10 +450,22 @@ class Trainer:
             return
         check_run_dir(self.run_dir, self.resume, self.overwrite)
         check_logger(self.cfg)  # logger=wandb/mlflow: the package is there, before any write
-        if self.resume:
-            self.load_latest()
+        self._lock = take_run_lock(self.run_dir, self.is_main, self.device)  # one writer
+        try:
+            check_run_dir(self.run_dir, self.resume, self.overwrite)  # again, under the lock
+            if self.resume:
+                self.load_latest()
+                self._resume_changes = check_resume_config(self.run_dir, self.cfg)
+        except BaseException:
+            self.release_lock()
+            raise
         ddp.barrier()  # every process has checked the folder before process 0 writes to it
         self._prepared = True
+
+    def release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _start(self) -> None:
         """The first writes: clear (overwrite=true) or truncate (resume=true) the folder."""
@@ -458,6 +475,7 @@ class Trainer:
                 for bad, _ in self._damaged:  # kept for inspection, out of every listing
                     bad.replace(bad.with_name(bad.name + ".damaged"))
                 truncate_logs(self.run_dir, self.step_count)
+                record_resume(self.run_dir, self.cfg, self.step_count, self._resume_changes)
             else:
                 prepare_run_dir(self.run_dir, False, self.overwrite)
                 self._write_config()
@@ -467,7 +485,14 @@ class Trainer:
             set_rng_state(self._start_rng)
 
     def run(self) -> dict:
-        """Train to ``trainer.iterations`` (resuming if asked) and return the summary."""
+        """Train to ``trainer.iterations`` (resuming if asked) and return the summary; the
+        run folder's lock is released at the end, however the run ends."""
+        try:
+            return self._run()
+        finally:
+            self.release_lock()
+
+    def _run(self) -> dict:
         self.prepare()
         self._start()
         if self._resumed_from is not None and self.is_main:
