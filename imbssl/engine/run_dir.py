@@ -341,7 +341,8 @@ def check_resume_config(run_dir: Path, cfg) -> dict[str, tuple]:
     from imbssl.engine.config import config_changes, resumable
 
     changes = config_changes(saved_config(run_dir), _as_saved(cfg))
-    refused = {k: v for k, v in changes.items() if not resumable(k)}
+    refused = {k: changes[k] for k in sorted(changes, key=lambda k: (not k.endswith(".name"), k))
+               if not resumable(k)}  # a changed group (dataset.name...) first
     if refused:
         shown = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(refused.items())[:8]]
         more = f" and {len(refused) - 8} more" if len(refused) > 8 else ""

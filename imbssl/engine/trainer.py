@@ -453,9 +453,9 @@ class Trainer:
         self._lock = take_run_lock(self.run_dir, self.is_main, self.device)  # one writer
         try:
             check_run_dir(self.run_dir, self.resume, self.overwrite)  # again, under the lock
-            if self.resume:
-                self.load_latest()
+            if self.resume:  # the run's own config first: then its checkpoint
                 self._resume_changes = check_resume_config(self.run_dir, self.cfg)
+                self.load_latest()
         except BaseException:
             self.release_lock()
             raise
