@@ -164,3 +164,26 @@ def state_differences(a, b, path: str = "") -> list[str]:
                 for d in state_differences(x, y, f"{path}[{i}]")]
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
+
+
+def non_finite_tensors(parts: dict) -> list[str]:
+    """Paths (``model/bn1.running_var``) of the floating-point tensors in ``parts`` that hold
+    a NaN or an infinity; one host sync for all of them."""
+    found: list[tuple[str, torch.Tensor]] = []
+
+    def walk(obj, path: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point() or obj.is_complex():
+                found.append((path, obj))
+        elif isinstance(obj, dict):
+            for key, value in obj.items():
+                walk(value, f"{path}/{key}" if path else str(key))
+        elif isinstance(obj, list | tuple):
+            for i, value in enumerate(obj):
+                walk(value, f"{path}[{i}]")
+
+    walk(parts, "")
+    if not found:
+        return []
+    finite = torch.stack([torch.isfinite(t).all().to(found[0][1].device) for _, t in found])
+    return [path for (path, _), ok in zip(found, finite.tolist()) if not ok]

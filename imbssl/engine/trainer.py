@@ -62,6 +62,7 @@ from imbssl.engine.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     newest_loadable,
+    non_finite_tensors,
     remove_partial,
     save_checkpoint,
 )
@@ -509,6 +510,8 @@ class Trainer:
                     self._periodic(progress)
                     if self.step_count < total and self._preemption_requested():
                         self._preempt()
+            if self._saved_step != self.step_count:  # not checked by a checkpoint
+                self.check_finite()
             if self._last_eval_step != self.step_count:
                 self._evaluate_or_note()
             if self._last_test is None:  # resumed after the final evaluation: recompute it
@@ -882,15 +885,7 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Checkpoint the current step (process 0 writes; every process must call it)."""
-        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
-        if not bool(ddp.all_reduce_min(finite.to(torch.int32)).item()):
-            found = list_checkpoints(self.run_dir / "checkpoints")
-            kept = (f"the last good checkpoint {found[-1][1].name} is kept" if found
-                    else "no checkpoint had been written")
-            raise NonFiniteLossError(
-                f"the weights became non-finite (NaN or inf) by step {self.step_count} although "
-                f"every logged loss was finite; no checkpoint was written and {kept}; lower "
-                "optim.lr or use trainer.precision=fp32")
+        self.check_finite()
         state = self.state_dict()
         path = None
         if self.is_main:
@@ -898,6 +893,24 @@ class Trainer:
                                    self.tcfg.keep_checkpoints)
         self._saved_step = self.step_count
         return path
+
+    def check_finite(self) -> None:
+        """Raise ``NonFiniteLossError`` unless every parameter and buffer of the model and the
+        EMA model and every optimizer state is finite: a checkpoint never holds NaN or inf, so
+        "the last good checkpoint" is one (every process checks its replica)."""
+        bad = non_finite_tensors({"model": self.model.state_dict(),
+                                  "ema": self.ema.model.state_dict(),
+                                  "optimizer": self.optimizer.state_dict()["state"]})
+        if ddp.any_process(bool(bad), self.device):
+            found = list_checkpoints(self.run_dir / "checkpoints")
+            kept = (f"the last good checkpoint {found[-1][1].name} is kept" if found
+                    else "no checkpoint had been written")
+            named = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise NonFiniteLossError(
+                f"the network diverged: non-finite (NaN or inf) values by step "
+                f"{self.step_count} in {named or 'another process'} although every logged "
+                f"loss was finite; no checkpoint was written and {kept}; lower optim.lr or use "
+                "trainer.precision=fp32")
 
     def load_state_dict(self, state: dict, source: str | Path = "the checkpoint") -> None:
         check_compatible(state, self.data.num_classes, self.mcfg.name,
