@@ -122,7 +122,52 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if saved is not None and saved != payload_checksum(state):
         raise DamagedCheckpoint(f"checkpoint {path} is damaged: its payload does not match its "
                                 "checksum")
+    problem = field_problem(state, path)
+    if problem:
+        raise DamagedCheckpoint(f"checkpoint {path} is not a usable imbssl checkpoint: "
+                                f"{problem}")
     return state
+
+
+#: what a training checkpoint (one with a ``format``) holds, and of which type; checked on
+#: load, before anything on disk changes (a resume truncates the logs to its step)
+TRAINING_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "format": int, "num_classes": int, "model_name": str, "model": dict, "ema": dict,
+    "optimizer": dict, "scaler": dict, "algorithm": dict, "labeled_stream": dict,
+    "unlabeled_stream": dict, "aug_generator": torch.Tensor, "rng": dict, "tracker": dict,
+    "eval_history": dict,
+}
+#: fields that older checkpoints lack: checked when present
+OPTIONAL_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "last_eval_step": int, "pending_scalars": list, "algorithm_buffers": dict,
+    "labeled_added": (dict, type(None)),
+}
+
+
+def field_problem(state: dict, path: Path) -> str | None:
+    """Why ``state`` cannot be a checkpoint of ``path`` (None: it can): ``step`` an integer
+    >= 0 equal to the step in the file name; a training checkpoint's fields of their types."""
+    step = state.get("step")
+    if type(step) is not int or step < 0:
+        return f"its step {step!r} is not a step number (an integer >= 0)"
+    named = _NAME.match(path.name)
+    if named and int(named.group(1)) != step:
+        return f"it holds step {step} but its name says step {int(named.group(1))}"
+    if "format" not in state:
+        return None
+    fields = {**TRAINING_FIELDS, **{k: v for k, v in OPTIONAL_FIELDS.items() if k in state}}
+    for key, kind in fields.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return (f"its {key!r} is {'missing' if key not in state else type(value).__name__}"
+                    f", not {getattr(kind, '__name__', kind)}")
+    if state["num_classes"] < 1 or not -1 <= state.get("last_eval_step", -1) <= step:
+        return "its num_classes or last_eval_step is out of range"
+    history = state["eval_history"]
+    if not all(isinstance(v, list) and all(isinstance(x, int | float) for x in v)
+               for v in history.values()):
+        return "its eval_history is not lists of numbers"
+    return None
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -136,6 +181,10 @@ def newest_loadable(ckpt_dir: Path, map_location: str | torch.device = "cpu",
     damaged ones with why; none good is one ``DamagedCheckpoint`` line (nothing is deleted)."""
     damaged: list[tuple[Path, str]] = []
     for _, path in reversed(list_checkpoints(ckpt_dir)):
+        if not path.is_file():  # a folder, or a link to nothing, under a checkpoint's name
+            damaged.append((path, f"{path} is not a checkpoint file (a folder or a dangling "
+                                  "link)"))
+            continue
         try:
             return path, load_checkpoint(path, map_location), damaged
         except DamagedCheckpoint as exc:
