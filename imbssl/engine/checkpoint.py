@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from imbssl.errors import UserError
-from imbssl.fileio import atomic_open
+from imbssl.fileio import atomic_open, disk_full, is_disk_full
 
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
 _TMP = re.compile(r"^\.ckpt_\d+\.pt\.tmp-\d+$")
@@ -59,9 +59,18 @@ def payload_checksum(state: dict) -> str:
 
 def save_atomic(obj: dict, path: Path) -> None:
     """torch.save to ``path`` so that a reader never sees a partial file."""
+    import io
+
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = io.BytesIO()  # serialise in memory: torch.save turns a failed file write (a full
+    try:  # disk) into a RuntimeError; a plain write keeps its OSError
+        torch.save(obj, data)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full(path, exc) from exc
+        raise
     with atomic_open(path) as f:
-        torch.save(obj, f)
+        f.write(data.getbuffer())
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # the rename itself survives a power cut

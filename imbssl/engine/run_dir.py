@@ -394,3 +394,27 @@ def take_run_lock(run_dir: Path, is_main: bool, device) -> RunLock | None:
         raise busy or RunFolderBusy(f"run_dir {run_dir} is in use by another live run (see "
                                     "process 0's message)")
     return lock
+
+
+def write_summary_anyway(run_dir: Path, log, summary: dict) -> None:
+    """Write summary.json even on a full disk, so a stopped run never still says
+    ``running``: atomically when possible, else in place (the whole summary in compact
+    form, or only its status, step and error); never raises."""
+    if log is None:
+        return
+    try:
+        log.write_summary(summary)
+        return
+    except (OSError, RuntimeError):  # DiskFullError is a RuntimeError
+        pass
+    from imbssl.fileio import overwrite_in_place
+
+    path = run_dir / "summary.json"
+    brief = {k: summary[k] for k in ("status", "step", "error") if k in summary}
+    for version in (summary, brief):
+        try:
+            text = json.dumps(version, default=str) + "\n"
+        except (TypeError, ValueError):
+            continue
+        if overwrite_in_place(path, text):
+            return

@@ -79,6 +79,7 @@ from imbssl.engine.run_dir import (
     take_run_lock,
     truncate_logs,
     write_meta,
+    write_summary_anyway,
 )
 from imbssl.engine.validation import check_all
 from imbssl.errors import UserError
@@ -526,8 +527,7 @@ class Trainer:
         except BaseException as exc:
             full = self._as_disk_full(exc)
             status = self.summary("failed", error=str(full)) if full else self.summary("stopped")
-            with contextlib.suppress(OSError, DiskFullError):  # the disk may still be full
-                self._write_summary(status)
+            write_summary_anyway(self.run_dir, self.log, status)  # even on a full disk
             if full is not None and full is not exc:
                 raise full from exc
             raise
@@ -537,7 +537,7 @@ class Trainer:
                 self._tb.close()
                 self._tb = None
         summary = self.summary("finished")
-        self._write_summary(summary)
+        write_summary_anyway(self.run_dir, self.log, summary)  # even on a full disk
         if self.is_main:
             if self._last_test is not None:
                 self._print_final()

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,48 +23,6 @@ TINY = ["trainer.iterations=6", "trainer.batch_size=8", "trainer.eval_interval=2
         "trainer.log_interval=2", "trainer.checkpoint_interval=2", "trainer.keep_checkpoints=5",
         "trainer.progress=false", "trainer.tensorboard=false", "trainer.report=false",
         "device=cpu", "pseudo=none"]
-
-# `imbssl train ...` whose training pauses after step 3 until the file STOP exists
-PAUSING = """
-import sys, time
-from pathlib import Path
-import imbssl.engine.trainer as t
-paused, stop = Path(sys.argv[1]), Path(sys.argv[2])
-step = t.Trainer.train_step
-def pausing_step(self):
-    step(self)
-    if self.step_count == 3:
-        paused.touch()
-        while not stop.exists():
-            time.sleep(0.05)
-t.Trainer.train_step = pausing_step
-from imbssl.cli import main
-sys.exit(main(sys.argv[3:]))
-"""
-
-
-def start_pausing(tmp_path: Path, args: list[str], env, name: str = "live"):
-    paused, stop = tmp_path / f"{name}.paused", tmp_path / f"{name}.stop"
-    log = open(tmp_path / f"{name}.log", "wb")  # noqa: SIM115 - closed by the caller's wait
-    proc = subprocess.Popen([sys.executable, "-c", PAUSING, str(paused), str(stop), *args],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
-    proc.paused, proc.stop, proc.logfile = paused, stop, tmp_path / f"{name}.log"
-    return proc
-
-
-def wait_for(path: Path, proc, limit_s: float = 300) -> None:
-    """Until ``path`` exists (the deadline only guards against a hang; nothing is timed)."""
-    deadline = time.monotonic() + limit_s
-    while not path.exists():
-        assert proc.poll() is None, proc.logfile.read_text()
-        assert time.monotonic() < deadline, "the live run never reached its pause"
-        time.sleep(0.1)
-
-
-def finish(proc, limit_s: float = 300) -> int:
-    proc.stop.touch()
-    return proc.wait(timeout=limit_s)
-
 
 def steps(run: Path, split: str = "train") -> list[int]:
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
@@ -86,9 +42,9 @@ def refused(capsys, args: list[str]) -> str:
 def test_second_writer_is_refused_naming_the_live_process(tmp_path, rel, capsys):
     run = tmp_path / "run"
     args = ["train", *TINY, f"run_dir={run}"]
-    live = start_pausing(tmp_path, args, rel.ENV)
+    live = rel.start_pausing(tmp_path, args)
     try:
-        wait_for(live.paused, live)
+        rel.wait_paused(live)
         assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [2]
         named = f"pid {live.pid} on "
         # a real second process, resuming
@@ -101,7 +57,7 @@ def test_second_writer_is_refused_naming_the_live_process(tmp_path, rel, capsys)
             line = refused(capsys, [*args, *extra])
             assert "in use by another live run" in line and named in line, (extra, line)
         assert live.poll() is None  # the live run was not disturbed
-        assert finish(live) == 0, live.logfile.read_text()
+        assert rel.go_on(live) == 0, live.logfile.read_text()
     finally:
         if live.poll() is None:
             live.kill()
@@ -116,9 +72,9 @@ def test_a_killed_run_leaves_no_stuck_lock(tmp_path, rel, capsys):
 
     run = tmp_path / "run"
     args = ["train", *TINY, f"run_dir={run}"]
-    live = start_pausing(tmp_path, args, rel.ENV)
+    live = rel.start_pausing(tmp_path, args)
     try:
-        wait_for(live.paused, live)
+        rel.wait_paused(live)
     finally:
         live.send_signal(signal.SIGKILL)
         live.wait(timeout=60)
@@ -132,7 +88,7 @@ def test_a_killed_run_leaves_no_stuck_lock(tmp_path, rel, capsys):
 def test_two_identical_fresh_starts_one_runs(tmp_path, rel):
     run = tmp_path / "run"
     args = ["train", *TINY, f"run_dir={run}"]
-    procs = [start_pausing(tmp_path, args, rel.ENV, name) for name in ("a", "b")]
+    procs = [rel.start_pausing(tmp_path, args, name=name) for name in ("a", "b")]
     try:
         deadline = time.monotonic() + 300
         while not any(p.paused.exists() for p in procs) or all(
@@ -146,7 +102,7 @@ def test_two_identical_fresh_starts_one_runs(tmp_path, rel):
         assert loser.wait(timeout=300) == 2
         text = loser.logfile.read_text().strip().splitlines()
         assert len(text) == 1 and f"pid {winner.pid} on " in text[0], text
-        assert finish(winner) == 0
+        assert rel.go_on(winner) == 0
     finally:
         for p in procs:
             if p.poll() is None:
