@@ -109,10 +109,16 @@ def _build(overrides: list[str]):
     from imbssl.engine import distributed as ddp
     from imbssl.engine.trainer import Trainer
 
+    from imbssl.engine.config import check_top_level_keys
+    from imbssl.engine.run_dir import check_hydra_run_dir
+
     cfg = compose([o for o in overrides if not _is_hydra_override(o)])
+    check_top_level_keys(cfg)  # +seeed=3
+    run_dir = Path(cfg.run_dir).absolute()  # hydra.job.chdir=true must not move it
+    check_hydra_run_dir(overrides, run_dir)
     if ddp.launch_info() is not None:
         ddp.init_from_env(str(cfg.get("device", "auto")))
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, run_dir=run_dir)
     trainer.prepare()
     return cfg, trainer
 
@@ -122,6 +128,10 @@ def _run_task(cfg, trainer, debug: bool):
     from imbssl.fileio import DiskFullError, is_write_failure
 
     try:
+        if trainer is None:  # a sweep's job: built here
+            from imbssl.engine.config import check_top_level_keys
+
+            check_top_level_keys(cfg)
         return timed_run(cfg, trainer)
     except NonFiniteLossError as exc:
         fail(str(exc))  # one line, from process 0 under torchrun

@@ -418,3 +418,18 @@ def write_summary_anyway(run_dir: Path, log, summary: dict) -> None:
             continue
         if overwrite_in_place(path, text):
             return
+
+
+def check_hydra_run_dir(overrides: list[str], run_dir: Path) -> None:
+    """``hydra.run.dir`` is where Hydra writes ``.hydra/`` and its job log; it follows
+    ``run_dir``. Pointed at another folder that holds a run, Hydra would overwrite that
+    run's files: a one-line ``UserError`` (read only)."""
+    for arg in overrides:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if key != "hydra.run.dir" or not sep or "${" in value:
+            continue
+        target = Path(value).absolute()
+        if target != run_dir and (holds_run(target) or (target / ".hydra").exists()):
+            raise UserError(f"hydra.run.dir={value} points at another run's folder, whose "
+                            ".hydra/ files Hydra would overwrite; leave hydra.run.dir out (it "
+                            "follows run_dir) or point it at a new folder")
