@@ -94,3 +94,31 @@ def test_field_problem_accepts_real_and_minimal_states(stopped_at_4, tmp_path):
     assert field_problem(torch.load(path, weights_only=True), path) is None
     assert field_problem({"step": 3, "w": torch.ones(2)}, tmp_path / "any.pt") is None
     assert "step True" in field_problem({"step": True}, tmp_path / "any.pt")
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))  # would create the marker file if unpickled
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    marker, path = tmp_path / "ran", tmp_path / "ckpt_00000002.pt"
+    torch.save({"step": 2, "payload": _RunsCode(marker)}, path)
+    with pytest.raises(DamagedCheckpoint):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_a_yaml_tagged_config_is_refused_on_resume(stopped_at_4, tiny_cfg):
+    from imbssl.errors import UserError
+
+    run = stopped_at_4
+    marker = run / "ran"
+    (run / "config.yaml").write_text(
+        f"seed: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(UserError, match="config.yaml cannot be read"):
+        Trainer(tiny_cfg(*LONGER, "resume=true")).prepare()
+    assert not marker.exists()
