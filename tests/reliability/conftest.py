@@ -21,9 +21,10 @@ QUIET = ["trainer.progress=false", "trainer.tensorboard=false", "trainer.report=
          "device=cpu"]
 
 
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: float = 300, env: dict | None = None
+        ) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "imbssl", *args], capture_output=True,
-                          text=True, timeout=timeout, check=False, env=ENV)
+                          text=True, timeout=timeout, check=False, env=env or ENV)
 
 
 def launch(*args: str, log: Path) -> subprocess.Popen:
@@ -62,14 +63,15 @@ sys.exit(main(sys.argv[4:]))
 
 
 def start_pausing(folder: Path, args: list[str], where: str = "step:3",
-                  name: str = "live") -> subprocess.Popen:
+                  name: str = "live", env: dict | None = None) -> subprocess.Popen:
     """The CLI in a real process that pauses at ``where``; ``.paused``/``.stop``/``.logfile``
     are its files (stdout and stderr go to ``.logfile``)."""
     paused, stop, logfile = (folder / f"{name}.paused", folder / f"{name}.stop",
                              folder / f"{name}.log")
     with open(logfile, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-c", PAUSING, str(paused), str(stop), where,
-                                 *args], stdout=out, stderr=subprocess.STDOUT, env=ENV)
+                                 *args], stdout=out, stderr=subprocess.STDOUT,
+                                env=env or ENV)
     proc.paused, proc.stop, proc.logfile = paused, stop, logfile
     return proc
 
