@@ -107,10 +107,9 @@ def _build(overrides: list[str]):
     folder, all before Hydra creates ``.hydra/`` and its log file in the run folder: a bad
     input leaves an existing run folder exactly as it was."""
     from imbssl.engine import distributed as ddp
-    from imbssl.engine.trainer import Trainer
-
     from imbssl.engine.config import check_top_level_keys
     from imbssl.engine.run_dir import check_hydra_run_dir
+    from imbssl.engine.trainer import Trainer
 
     cfg = compose([o for o in overrides if not _is_hydra_override(o)])
     check_top_level_keys(cfg)  # +seeed=3
