@@ -8,9 +8,11 @@
     imbssl bench [options]               training-throughput benchmark
 
 A mistake in the input (config, data, run folder) is one line on stderr and exit code 2;
-``--debug`` shows the traceback instead. Other exit codes: 1 a non-finite loss, 74 a full disk, 75 preempted
-(SIGTERM/SIGUSR1/SIGUSR2: the step was checkpointed, ``resume=true`` continues; sysexits
-EX_TEMPFAIL).
+``--debug`` shows the traceback instead (a busy run folder, another process writing it, is
+such a line too). Other exit codes: 1 a non-finite loss or weights (the run diverged), 74 a
+write that failed (a full disk or quota, a read-only file system; sysexits EX_IOERR), 75
+preempted (SIGTERM/SIGUSR1/SIGUSR2: the step was checkpointed, ``resume=true`` continues;
+sysexits EX_TEMPFAIL).
 """
 from __future__ import annotations
 
@@ -105,21 +107,30 @@ def _build(overrides: list[str]):
     folder, all before Hydra creates ``.hydra/`` and its log file in the run folder: a bad
     input leaves an existing run folder exactly as it was."""
     from imbssl.engine import distributed as ddp
+    from imbssl.engine.config import check_top_level_keys
+    from imbssl.engine.run_dir import check_hydra_run_dir
     from imbssl.engine.trainer import Trainer
 
     cfg = compose([o for o in overrides if not _is_hydra_override(o)])
+    check_top_level_keys(cfg)  # +seeed=3
+    run_dir = Path(cfg.run_dir).absolute()  # hydra.job.chdir=true must not move it
+    check_hydra_run_dir(overrides, run_dir)
     if ddp.launch_info() is not None:
         ddp.init_from_env(str(cfg.get("device", "auto")))
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, run_dir=run_dir)
     trainer.prepare()
     return cfg, trainer
 
 
 def _run_task(cfg, trainer, debug: bool):
     from imbssl.engine.trainer import NonFiniteLossError, Preempted, timed_run
-    from imbssl.fileio import DiskFullError
+    from imbssl.fileio import DiskFullError, is_write_failure
 
     try:
+        if trainer is None:  # a sweep's job: built here
+            from imbssl.engine.config import check_top_level_keys
+
+            check_top_level_keys(cfg)
         return timed_run(cfg, trainer)
     except NonFiniteLossError as exc:
         fail(str(exc))  # one line, from process 0 under torchrun
@@ -134,6 +145,19 @@ def _run_task(cfg, trainer, debug: bool):
         if debug:
             raise
         raise SystemExit(fail(describe(exc))) from None
+    except OSError as exc:
+        if debug or not is_write_failure(exc):
+            raise
+        raise SystemExit(write_failed(exc, trainer)) from None
+
+
+def write_failed(exc: OSError, trainer=None) -> int:
+    """A full disk, a read-only file system or an I/O error: one line, exit code 74."""
+    from imbssl.fileio import describe_write_failure
+
+    where = f"a file in {trainer.run_dir}" if trainer is not None else ""
+    fail(describe_write_failure(exc, where))
+    return EXIT_DISK_FULL
 
 
 def _hydra_train(overrides: list[str], debug: bool, trainer=None) -> int:
@@ -147,8 +171,32 @@ def _hydra_train(overrides: list[str], debug: bool, trainer=None) -> int:
 
     register_configs()
     sys.argv = ["imbssl-train", *overrides]
-    task()
+    if trainer is None:
+        task()
+        return 0
+    with _hydra_errors_raised():  # e.g. a full disk while Hydra writes .hydra/: one line
+        task()
     return 0
+
+
+class _hydra_errors_raised:
+    """Let an exception in Hydra's own work (writing ``.hydra/``, its job log) reach
+    ``main`` (HYDRA_FULL_ERROR=1) instead of Hydra's multi-line report and exit code 1."""
+
+    def __enter__(self):
+        import os
+
+        self._old = os.environ.get("HYDRA_FULL_ERROR")
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+
+    def __exit__(self, *exc):
+        import os
+
+        if self._old is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = self._old
+        return False
 
 
 def train(args: list[str], debug: bool) -> int:
@@ -209,6 +257,19 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         return fail(describe(exc))
+    except OSError as exc:  # a write that failed outside training (start, report, caches)
+        from imbssl.fileio import is_write_failure
+
+        if debug or not is_write_failure(exc):
+            raise
+        return write_failed(exc)
+    except RuntimeError as exc:
+        from imbssl.fileio import DiskFullError
+
+        if debug or not isinstance(exc, DiskFullError):
+            raise
+        fail(str(exc))
+        return EXIT_DISK_FULL
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import IO
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+#: write failures the CLI reports as one line with exit code 74 (sysexits EX_IOERR)
+WRITE_FAILURES = (*NO_SPACE, errno.EROFS, errno.EIO)
 
 
 class DiskFullError(RuntimeError):
@@ -50,3 +52,35 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs) -> Iterator
         if is_disk_full(exc):
             raise disk_full(path, exc) from exc
         raise
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    """A full disk, a quota, a read-only file system or an I/O error (not a bug)."""
+    return isinstance(exc, OSError) and exc.errno in WRITE_FAILURES
+
+
+def describe_write_failure(exc: OSError, where: str = "") -> str:
+    """One line for a failed write: which file, why, and what to do."""
+    path = exc.filename or where or "a file"
+    if exc.errno in NO_SPACE:
+        return str(disk_full(path, exc))
+    if exc.errno == errno.EROFS:
+        return (f"cannot write {path}: it is on a read-only file system; write somewhere "
+                "writable (run_dir=..., or --out for imbssl report)")
+    return f"cannot write {path} ({os.strerror(exc.errno)}); check the disk, then try again"
+
+
+def overwrite_in_place(path: str | os.PathLike, text: str) -> bool:
+    """Rewrite a small existing file in place (no temporary file): the last resort on a full
+    disk, where overwriting the blocks a file already has needs no new space. Not atomic: a
+    crash in between leaves a damaged file. True when it worked."""
+    data = text.encode("utf-8")
+    try:
+        with open(path, "r+b") as f:
+            f.write(data)
+            f.truncate(len(data))
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    except OSError:
+        return False

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from imbssl.errors import UserError
-from imbssl.fileio import atomic_open
+from imbssl.fileio import atomic_open, disk_full, is_disk_full
 
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
 _TMP = re.compile(r"^\.ckpt_\d+\.pt\.tmp-\d+$")
@@ -59,9 +59,18 @@ def payload_checksum(state: dict) -> str:
 
 def save_atomic(obj: dict, path: Path) -> None:
     """torch.save to ``path`` so that a reader never sees a partial file."""
+    import io
+
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = io.BytesIO()  # serialise in memory: torch.save turns a failed file write (a full
+    try:  # disk) into a RuntimeError; a plain write keeps its OSError
+        torch.save(obj, data)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full(path, exc) from exc
+        raise
     with atomic_open(path) as f:
-        torch.save(obj, f)
+        f.write(data.getbuffer())
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # the rename itself survives a power cut
@@ -122,7 +131,52 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if saved is not None and saved != payload_checksum(state):
         raise DamagedCheckpoint(f"checkpoint {path} is damaged: its payload does not match its "
                                 "checksum")
+    problem = field_problem(state, path)
+    if problem:
+        raise DamagedCheckpoint(f"checkpoint {path} is not a usable imbssl checkpoint: "
+                                f"{problem}")
     return state
+
+
+#: what a training checkpoint (one with a ``format``) holds, and of which type; checked on
+#: load, before anything on disk changes (a resume truncates the logs to its step)
+TRAINING_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "format": int, "num_classes": int, "model_name": str, "model": dict, "ema": dict,
+    "optimizer": dict, "scaler": dict, "algorithm": dict, "labeled_stream": dict,
+    "unlabeled_stream": dict, "aug_generator": torch.Tensor, "rng": dict, "tracker": dict,
+    "eval_history": dict,
+}
+#: fields that older checkpoints lack: checked when present
+OPTIONAL_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "last_eval_step": int, "pending_scalars": list, "algorithm_buffers": dict,
+    "labeled_added": (dict, type(None)),
+}
+
+
+def field_problem(state: dict, path: Path) -> str | None:
+    """Why ``state`` cannot be a checkpoint of ``path`` (None: it can): ``step`` an integer
+    >= 0 equal to the step in the file name; a training checkpoint's fields of their types."""
+    step = state.get("step")
+    if type(step) is not int or step < 0:
+        return f"its step {step!r} is not a step number (an integer >= 0)"
+    named = _NAME.match(path.name)
+    if named and int(named.group(1)) != step:
+        return f"it holds step {step} but its name says step {int(named.group(1))}"
+    if "format" not in state:
+        return None
+    fields = {**TRAINING_FIELDS, **{k: v for k, v in OPTIONAL_FIELDS.items() if k in state}}
+    for key, kind in fields.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return (f"its {key!r} is {'missing' if key not in state else type(value).__name__}"
+                    f", not {getattr(kind, '__name__', kind)}")
+    if state["num_classes"] < 1 or not -1 <= state.get("last_eval_step", -1) <= step:
+        return "its num_classes or last_eval_step is out of range"
+    history = state["eval_history"]
+    if not all(isinstance(v, list) and all(isinstance(x, int | float) for x in v)
+               for v in history.values()):
+        return "its eval_history is not lists of numbers"
+    return None
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -136,6 +190,10 @@ def newest_loadable(ckpt_dir: Path, map_location: str | torch.device = "cpu",
     damaged ones with why; none good is one ``DamagedCheckpoint`` line (nothing is deleted)."""
     damaged: list[tuple[Path, str]] = []
     for _, path in reversed(list_checkpoints(ckpt_dir)):
+        if not path.is_file():  # a folder, or a link to nothing, under a checkpoint's name
+            damaged.append((path, f"{path} is not a checkpoint file (a folder or a dangling "
+                                  "link)"))
+            continue
         try:
             return path, load_checkpoint(path, map_location), damaged
         except DamagedCheckpoint as exc:
@@ -164,3 +222,26 @@ def state_differences(a, b, path: str = "") -> list[str]:
                 for d in state_differences(x, y, f"{path}[{i}]")]
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
+
+
+def non_finite_tensors(parts: dict) -> list[str]:
+    """Paths (``model/bn1.running_var``) of the floating-point tensors in ``parts`` that hold
+    a NaN or an infinity; one host sync for all of them."""
+    found: list[tuple[str, torch.Tensor]] = []
+
+    def walk(obj, path: str) -> None:
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point() or obj.is_complex():
+                found.append((path, obj))
+        elif isinstance(obj, dict):
+            for key, value in obj.items():
+                walk(value, f"{path}/{key}" if path else str(key))
+        elif isinstance(obj, list | tuple):
+            for i, value in enumerate(obj):
+                walk(value, f"{path}[{i}]")
+
+    walk(parts, "")
+    if not found:
+        return []
+    finite = torch.stack([torch.isfinite(t).all().to(found[0][1].device) for _, t in found])
+    return [path for (path, _), ok in zip(found, finite.tolist()) if not ok]

@@ -119,3 +119,57 @@ def compose(overrides: list[str]) -> DictConfig:
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides)
+
+# ----------------------------------------------------------------- what resume may change
+#: Keys a resumed run may change (``resume=true`` with another value is accepted and recorded
+#: in meta.json's ``resumes``): none of them changes what a step computes.
+#: trainer.iterations extends (or, down to the checkpoint's step, shortens) the run: the only
+#: one that changes the remaining steps (a cosine schedule and an algorithm's phases are
+#: computed from it), which is the point of extending; log/checkpoint intervals, the number of
+#: checkpoints kept, progress bar, TensorBoard, report and the median window only change what
+#: is written; loggers, names and notes only where it is shown; run_dir, resume and overwrite
+#: are how the folder was found. Everything else (seeds, data, model, algorithm, refiner,
+#: optimizer, batch size, evaluation interval and batch size, precision, device) is refused.
+RESUMABLE_KEYS = (
+    "trainer.iterations", "trainer.log_interval", "trainer.checkpoint_interval",
+    "trainer.keep_checkpoints", "trainer.progress", "trainer.tensorboard", "trainer.report",
+    "trainer.summary_last", "logger", "experiment_name", "notes", "run_dir", "resume",
+    "overwrite",
+)
+_MISSING = object()
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values)."""
+    if isinstance(node, dict) and node:
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: node}
+
+
+def resumable(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS)
+
+
+def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+    """``key -> (saved value, current value)`` for every key whose value differs. A key that
+    only one side has (a field that another imbssl version added or removed) is left out:
+    the run could not have set it."""
+    old, new = flatten(saved), flatten(current)
+    return {k: (old[k], new[k]) for k in sorted(set(old) & set(new)) if old[k] != new[k]}
+
+
+def check_top_level_keys(cfg: DictConfig) -> None:
+    """A top-level key that the schema does not know (``+seeed=3``) is a one-line
+    ``UserError``: Hydra's ``+`` adds any key, and an unread key is a silent typo."""
+    from dataclasses import fields
+
+    from imbssl.errors import UserError
+
+    known = {f.name for f in fields(Config)}
+    unknown = [k for k in cfg.keys() if k not in known and k != "hydra"]
+    if unknown:
+        raise UserError(f"unknown top-level config key {unknown[0]!r} (from +{unknown[0]}=...);"
+                        f" valid keys there: {', '.join(sorted(known))}")

@@ -13,7 +13,6 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
@@ -23,15 +22,19 @@ from imbssl.engine.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     newest_loadable,
+    non_finite_tensors,
     remove_partial,
     save_checkpoint,
 )
 from imbssl.engine.rng import rng_state, set_rng_state
 from imbssl.engine.run_dir import (
+    check_resume_config,
     check_run_dir,
     environment,
     git_commit,
     prepare_run_dir,
+    record_resume,
+    take_run_lock,
     truncate_logs,
     write_meta,
 )
@@ -44,7 +47,8 @@ CHECKPOINT_FORMAT = 2
 
 class RunState:
     """Run folder, checkpoints and resume (a part of :class:`imbssl.engine.trainer.Trainer`;
-    owns ``_prepared``, ``_resumed_from``, ``_resumed_at``, ``_damaged``, ``_saved_step``)."""
+    owns ``_prepared``, ``_resumed_from``, ``_resumed_at``, ``_damaged``, ``_saved_step``,
+    ``_lock``, ``_resume_changes``)."""
 
     def prepare(self) -> None:
         """Check the run folder and, with ``resume=true``, load its last checkpoint. Writes
@@ -53,10 +57,22 @@ class RunState:
             return
         check_run_dir(self.run_dir, self.resume, self.overwrite)
         check_logger(self.cfg)  # logger=wandb/mlflow: the package is there, before any write
-        if self.resume:
-            self.load_latest()
+        self._lock = take_run_lock(self.run_dir, self.is_main, self.device)  # one writer
+        try:
+            check_run_dir(self.run_dir, self.resume, self.overwrite)  # again, under the lock
+            if self.resume:  # the run's own config first: then its checkpoint
+                self._resume_changes = check_resume_config(self.run_dir, self.cfg)
+                self.load_latest()
+        except BaseException:
+            self.release_lock()
+            raise
         ddp.barrier()  # every process has checked the folder before process 0 writes to it
         self._prepared = True
+
+    def release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _start(self) -> None:
         """The first writes: clear (overwrite=true) or truncate (resume=true) the folder."""
@@ -66,6 +82,7 @@ class RunState:
                 for bad, _ in self._damaged:  # kept for inspection, out of every listing
                     bad.replace(bad.with_name(bad.name + ".damaged"))
                 truncate_logs(self.run_dir, self.step_count)
+                record_resume(self.run_dir, self.cfg, self.step_count, self._resume_changes)
             else:
                 prepare_run_dir(self.run_dir, False, self.overwrite)
                 self._write_config()
@@ -131,15 +148,7 @@ class RunState:
 
     def save(self) -> Path | None:
         """Checkpoint the current step (process 0 writes; every process must call it)."""
-        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
-        if not bool(ddp.all_reduce_min(finite.to(torch.int32)).item()):
-            found = list_checkpoints(self.run_dir / "checkpoints")
-            kept = (f"the last good checkpoint {found[-1][1].name} is kept" if found
-                    else "no checkpoint had been written")
-            raise NonFiniteLossError(
-                f"the weights became non-finite (NaN or inf) by step {self.step_count} although "
-                f"every logged loss was finite; no checkpoint was written and {kept}; lower "
-                "optim.lr or use trainer.precision=fp32")
+        self.check_finite()
         state = self.state_dict()
         path = None
         if self.is_main:
@@ -147,6 +156,24 @@ class RunState:
                                    self.tcfg.keep_checkpoints)
         self._saved_step = self.step_count
         return path
+
+    def check_finite(self) -> None:
+        """Raise ``NonFiniteLossError`` unless every parameter and buffer of the model and the
+        EMA model and every optimizer state is finite: a checkpoint never holds NaN or inf, so
+        "the last good checkpoint" is one (every process checks its replica)."""
+        bad = non_finite_tensors({"model": self.model.state_dict(),
+                                  "ema": self.ema.model.state_dict(),
+                                  "optimizer": self.optimizer.state_dict()["state"]})
+        if ddp.any_process(bool(bad), self.device):
+            found = list_checkpoints(self.run_dir / "checkpoints")
+            kept = (f"the last good checkpoint {found[-1][1].name} is kept" if found
+                    else "no checkpoint had been written")
+            named = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise NonFiniteLossError(
+                f"the network diverged: non-finite (NaN or inf) values by step "
+                f"{self.step_count} in {named or 'another process'} although every logged "
+                f"loss was finite; no checkpoint was written and {kept}; lower optim.lr or use "
+                "trainer.precision=fp32")
 
     def load_state_dict(self, state: dict, source: str | Path = "the checkpoint") -> None:
         check_compatible(state, self.data.num_classes, self.mcfg.name,

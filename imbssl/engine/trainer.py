@@ -55,6 +55,7 @@ from imbssl.engine.config import OptimConfig, TrainerConfig, typed
 from imbssl.engine.periodic import PeriodicWork
 from imbssl.engine.phases import DataPhases
 from imbssl.engine.rng import rng_state, seed_everything
+from imbssl.engine.run_dir import write_summary_anyway
 from imbssl.engine.scalars import ScalarLog, _Accumulator, due
 from imbssl.engine.setup import build_optimizer, lr_factor, resolve_device
 from imbssl.engine.state import CHECKPOINT_FORMAT, RunState, check_compatible
@@ -67,7 +68,6 @@ from imbssl.engine.stops import (
 )
 from imbssl.engine.validation import check_all
 from imbssl.errors import UserError
-from imbssl.fileio import DiskFullError
 from imbssl.models import EMA, ModelConfig, build_model
 from imbssl.pseudo import build_refiner, refiner_config
 
@@ -133,6 +133,8 @@ class Trainer(RunState, PeriodicWork, DataPhases, ScalarLog, Stops):
         self._saved_step = -1  # the step of the last checkpoint written or loaded
         self._missing: list[str] = []  # evaluations / report parts that failed
         self._prepared = False
+        self._lock = None  # RUN/.lock while this run may write its folder (process 0)
+        self._resume_changes: dict = {}  # config keys a resume changed (RESUMABLE_KEYS)
         self._tb = None
         self._start_rng = rng_state()  # run() starts from here whatever ran in between
 
@@ -218,7 +220,14 @@ class Trainer(RunState, PeriodicWork, DataPhases, ScalarLog, Stops):
 
     # ----------------------------------------------------------------- run
     def run(self) -> dict:
-        """Train to ``trainer.iterations`` (resuming if asked) and return the summary."""
+        """Train to ``trainer.iterations`` (resuming if asked) and return the summary; the
+        run folder's lock is released at the end, however the run ends."""
+        try:
+            return self._run()
+        finally:
+            self.release_lock()
+
+    def _run(self) -> dict:
         self.prepare()
         self._start()
         if self._resumed_from is not None and self.is_main:
@@ -230,6 +239,8 @@ class Trainer(RunState, PeriodicWork, DataPhases, ScalarLog, Stops):
         try:
             with signals_as_flag(self._signal):
                 self._train_loop(progress)
+            if self._saved_step != self.step_count:  # not checked by a checkpoint
+                self.check_finite()
             if self._last_eval_step != self.step_count:
                 self._evaluate_or_note()
             if self._last_test is None:  # resumed after the final evaluation: recompute it
@@ -244,8 +255,7 @@ class Trainer(RunState, PeriodicWork, DataPhases, ScalarLog, Stops):
         except BaseException as exc:
             full = self._as_disk_full(exc)
             status = self.summary("failed", error=str(full)) if full else self.summary("stopped")
-            with contextlib.suppress(OSError, DiskFullError):  # the disk may still be full
-                self._write_summary(status)
+            write_summary_anyway(self.run_dir, self.log, status)  # even on a full disk
             if full is not None and full is not exc:
                 raise full from exc
             raise
@@ -255,7 +265,7 @@ class Trainer(RunState, PeriodicWork, DataPhases, ScalarLog, Stops):
                 self._tb.close()
                 self._tb = None
         summary = self.summary("finished")
-        self._write_summary(summary)
+        write_summary_anyway(self.run_dir, self.log, summary)  # even on a full disk
         if self.is_main:
             if self._last_test is not None:
                 self._print_final()
