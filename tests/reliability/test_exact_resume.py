@@ -10,6 +10,7 @@ in waves of WAVE: a wave's reference and killed runs at once, then its resumes.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -50,7 +51,9 @@ CASES = {
     "acr": ["algorithm=acr", "pseudo=none", "algorithm.epoch_iters=3",
             "algorithm.estimate_after_epochs=0", "algorithm.threshold=0.5"],
 }
-WAVE = 3  # cases run at once (6 processes), so a loaded two-core machine still polls in time
+# cases run at once: each starts two training processes (reference and killed), so a wave
+# never starts more processes than the machine has cores (one case on a two-core machine)
+WAVE = max(1, (os.cpu_count() or 2) // 2)
 WAIT = 120 * WAVE  # seconds per phase of a wave
 FILES = ("metrics.jsonl", "per_class.csv", "summary.json", "confusion_test.npy")
 
