@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# slow: multi-process / subprocess training (`pytest -m slow`; CI runs them)
+pytestmark = pytest.mark.slow
+
 ITERS, KILL_AFTER = 20, 8  # kill once the checkpoint of step 8 exists and step 10 is logged
 COMMON = [f"trainer.iterations={ITERS}", "trainer.batch_size=8", "trainer.eval_interval=4",
           "trainer.log_interval=2", "trainer.checkpoint_interval=4", "trainer.keep_checkpoints=2",
@@ -54,7 +57,7 @@ CASES = {
 # cases run at once: each starts two training processes (reference and killed), so a wave
 # never starts more processes than the machine has cores (one case on a two-core machine)
 WAVE = max(1, (os.cpu_count() or 2) // 2)
-WAIT = 120 * WAVE  # seconds per phase of a wave
+WAIT = 360  # seconds per phase of a wave (a loaded two-core machine)
 FILES = ("metrics.jsonl", "per_class.csv", "summary.json", "confusion_test.npy")
 
 
