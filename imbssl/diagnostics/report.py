@@ -178,14 +178,16 @@ def ranking_sentence(runs: Sequence[Run], labels: Sequence[str], choice: Choice)
 
 
 def runs_table(runs: Sequence[Run], labels: Sequence[str]) -> Table:
-    """One row per run: settings, status, progress and evaluations."""
-    cols = ["algorithm", "pseudo", "dataset", "N1", "M1", "gamma_l", "gamma_u", "seed"]
-    rows = []
-    for run, label in zip(runs, labels):
-        s = settings(run)
-        rows.append([label, *(s[c] for c in cols), run.status,
-                     f"{run.last_step} / {s['iterations']}", str(num_evaluations(run))])
-    return Table(["run", *cols, "status", "step / iters", "test evals"], rows)
+    """Settings, status, progress and evaluations: one row per setting, one column per run
+    (narrow enough for a phone when a few runs are compared)."""
+    keys = ["algorithm", "pseudo", "dataset", "N1", "M1", "gamma_l", "gamma_u", "seed",
+            "iterations"]
+    every = [settings(r) for r in runs]
+    rows = [[key, *(s[key] for s in every)] for key in keys]
+    rows += [["status", *(r.status for r in runs)],
+             ["last step", *(str(r.last_step) for r in runs)],
+             ["test evaluations", *(str(num_evaluations(r)) for r in runs)]]
+    return Table(["setting", *labels], rows)
 
 
 IGNORED_SETTINGS = ("run_dir", "resume", "overwrite", "experiment_name", "notes", "logger",
