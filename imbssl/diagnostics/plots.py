@@ -156,8 +156,9 @@ def _move_legend_outside(fig: Figure, ax, remove: bool = False, where: str = "up
     if ax.get_legend() is not None:
         ax.get_legend().remove()
     if not remove and handles:
-        fig.legend(handles, names, loc=f"outside {where} center", ncols=min(4, len(names)),
-                   fontsize=9, frameon=False)
+        columns = max(1, int(fig.get_figwidth() // 3))  # about 3 inches per entry: no cut
+        fig.legend(handles, names, loc=f"outside {where} center",
+                   ncols=min(columns, len(names)), fontsize=9, frameon=False)
 
 
 SUBSET_WORDS = {"all": "all, confident or not", "confident": "confident only: mask = 1, "
