@@ -173,6 +173,8 @@ def ranking_sentence(runs: Sequence[Run], labels: Sequence[str], choice: Choice)
     if not order:
         return "No test evaluation logged yet."
     ranked = ", ".join(f"{labels[i]} {pct(values[i])}" for i in order)
+    if len(runs) == 1:
+        return f"Test balanced accuracy, {stat_text(choice.stat)} ({choice.stat}): {ranked}."
     return (f"Ranked by test balanced accuracy, {stat_text(choice.stat)} "
             f"({choice.stat}): {ranked}.")
 

@@ -220,5 +220,5 @@ def choose_stat(runs: Sequence, requested: str | None = None,
                                   f"({requested})."], warnings)
     who = ", ".join(f"{lab}: {n}" for lab, n in short)
     note = (f"Runs compared by the {stat_text(FINAL)}: {requested} needs {k} test "
-            f"evaluations and not every run has them ({who}).")
+            f"evaluations, and fewer were logged ({who}).")
     return Choice(FINAL, [note], [*warnings, note[0].lower() + note[1:]])
