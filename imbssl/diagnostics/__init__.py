@@ -1,7 +1,7 @@
 """Diagnostics of head-class bias: per-class metrics, pseudo-label tracking, run-folder files,
 plots, reports and paper-style tables.
 
-The light modules (metrics, tracker, logfile) are imported here; plots, report and aggregate
+The light modules (metrics, tracker, logfile, summary_stats) are imported here; plots, report and aggregate
 (which pull in matplotlib/seaborn) load on first use of one of their names.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from imbssl.diagnostics.metrics import (
     median_of_last,
     per_class_rows,
 )
+from imbssl.diagnostics.summary_stats import choose_stat, median_last, summarize
 from imbssl.diagnostics.tracker import PseudoLabelTracker
 
 _LAZY = {"make_plots": "plots", "make_figures": "plots", "build_report": "report",
@@ -32,9 +33,9 @@ _LAZY = {"make_plots": "plots", "make_figures": "plots", "build_report": "report
          "write_results": "aggregate", "collect_main": "aggregate"}
 
 __all__ = ["PER_CLASS_COLUMNS", "PER_CLASS_METRICS", "PseudoLabelTracker", "Run", "RunLog",
-           "classification_metrics", "confusion_to_metrics", "format_per_class_table",
-           "is_run_dir", "median_of_last", "per_class_rows", "read_metrics", "read_per_class",
-           "read_run", *_LAZY]
+           "choose_stat", "classification_metrics", "confusion_to_metrics",
+           "format_per_class_table", "is_run_dir", "median_last", "median_of_last",
+           "per_class_rows", "read_metrics", "read_per_class", "read_run", "summarize", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -1,9 +1,12 @@
 """Paper-style tables over many runs (a Hydra multirun folder): method x imbalance setting.
 
 Each cell is the mean and sample standard deviation (ddof=1; 0 for a single run) over seeds
-of the DASO-protocol summary of a metric: the median of the last 20 evaluations, in %. The
-same is done for the tail recall (mean test recall of the 30% least-labeled classes), and
-both are plotted against gamma with mean ± std bands.
+of one summary statistic of a metric, in % (``summary_stats``): by default the DASO-protocol
+median of the last k evaluations (k = the runs' ``trainer.summary_last``) when every run has
+k evaluations, else the final evaluation; the caption says which, and ``imbssl compare``
+warns when the runs were evaluated differently. The same is done for the tail recall (mean
+test recall of the 30% least-labeled classes), and both are plotted against gamma with
+mean ± std bands.
 """
 from __future__ import annotations
 
@@ -16,7 +19,14 @@ import numpy as np
 import pandas as pd
 
 from imbssl.diagnostics.logfile import CONFIG_FILE, METRICS_FILE, Run, read_run, short_value
-from imbssl.diagnostics.metrics import median_of_last
+from imbssl.diagnostics.summary_stats import (
+    Choice,
+    choose_stat,
+    parse_stat,
+    run_statistic,
+    stat_text,
+    statistic,
+)
 
 SETTING_KEYS = ("dataset", "n1", "m1", "gamma_l", "gamma_u", "reverse_unlabeled")
 SETTING_TEXT = {"gamma": "gamma={}", "dataset": "{}", "n1": "N1={}", "m1": "M1={}",
@@ -25,7 +35,6 @@ SETTING_TEXT = {"gamma": "gamma={}", "dataset": "{}", "n1": "N1={}", "m1": "M1={
 SETTING_TEX = {"gamma": r"$\gamma{{=}}{}$", "dataset": r"{}", "n1": r"$N_1{{=}}{}$",
                "m1": r"$M_1{{=}}{}$", "gamma_l": r"$\gamma_l{{=}}{}$",
                "gamma_u": r"$\gamma_u{{=}}{}$", "reverse_unlabeled": r"reversed{{=}}{}"}
-STATS = ("median_last20", "final")
 TAIL_FRACTION = 0.3  # tail = the 30% of classes with the fewest labeled images (3 of 10)
 CAPTION = ("{metric} ({stat}) in %: mean \u00b1 sample standard deviation (ddof=1) over "
            "{seeds}; std is 0 where a cell has a single run.")
@@ -55,15 +64,9 @@ def method_label(run: Run) -> str:
     return f"{algo}+DASO" if str(run.cfg("pseudo.name", "none")).lower() == "daso" else algo
 
 
-def run_value(run: Run, metric: str = "test/top1", stat: str = "median_last20") -> float:
-    """The run's summary value of ``metric`` in % (NaN when nothing is logged)."""
-    if stat == "median_last20":
-        value = run.median_last(metric, 20)
-    elif stat == "final":
-        value = run.final_metrics().get(metric, float("nan"))
-    else:
-        raise ValueError(f"unknown stat {stat!r}; use one of {STATS}")
-    return 100.0 * value
+def run_value(run: Run, metric: str = "test/top1", stat: str = "final") -> float:
+    """The run's ``stat`` of ``metric`` in % (NaN when the run does not have it)."""
+    return 100.0 * run_statistic(run, metric, stat)
 
 
 def tail_classes(run: Run, fraction: float = TAIL_FRACTION) -> list[int]:
@@ -82,22 +85,20 @@ def tail_recall_series(run: Run, fraction: float = TAIL_FRACTION) -> pd.Series:
     return df.groupby("step")["value"].mean().astype(float)
 
 
-def tail_recall(run: Run, stat: str = "median_last20") -> float:
-    """Tail recall in %: median of its last 20 evaluations, or its last value (``final``)."""
-    series = tail_recall_series(run)
-    if stat == "final":
-        return 100.0 * float(series.iloc[-1]) if len(series) else float("nan")
-    return 100.0 * median_of_last(series.tolist(), 20)
+def tail_recall(run: Run, stat: str = "final") -> float:
+    """Tail recall in %, summarised by ``stat`` over its evaluations."""
+    return 100.0 * statistic(tail_recall_series(run).tolist(), stat)
 
 
-def run_record(run: Run, metric: str = "test/top1", stat: str = "median_last20") -> dict:
+def run_record(run: Run, metric: str = "test/top1", stat: str = "final") -> dict:
     """One row of the per-run table: method, setting, seed, value and tail recall (%),
     status, path."""
     record = {"method": method_label(run), "algorithm": run.cfg("algorithm.name"),
               "pseudo": run.cfg("pseudo.name")}
     record.update({k: run.cfg(f"dataset.{'name' if k == 'dataset' else k}")
                    for k in SETTING_KEYS})
-    record.update({"seed": run.cfg("seed"), "value": run_value(run, metric, stat),
+    record.update({"seed": run.cfg("seed"), "stat": stat,
+                   "value": run_value(run, metric, stat),
                    "tail_recall": tail_recall(run, stat),
                    "evals": run.num_evals(metric.partition("/")[0]), "status": run.status,
                    "path": str(run.path)})
@@ -105,12 +106,21 @@ def run_record(run: Run, metric: str = "test/top1", stat: str = "median_last20")
 
 
 def collect_runs(paths: Iterable[str | os.PathLike], metric: str = "test/top1",
-                 stat: str = "median_last20") -> pd.DataFrame:
-    """Per-run records of every run folder found under ``paths``."""
-    records = [run_record(read_run(d), metric, stat) for d in find_run_dirs(paths)]
-    columns = ["method", "algorithm", "pseudo", *SETTING_KEYS, "seed", "value", "tail_recall",
-               "evals",               "status", "path"]
-    return pd.DataFrame.from_records(records, columns=columns)
+                 stat: str | None = None) -> pd.DataFrame:
+    """Per-run records of every run folder found under ``paths``, all summarised by the one
+    statistic every run has (``choose_stat``: ``stat``, or the protocol median, falling back
+    to the final evaluation); the choice is in ``records.attrs["choice"]``."""
+    if stat is not None:
+        parse_stat(stat)  # a clear error for an unknown name
+    runs = [read_run(d) for d in find_run_dirs(paths)]
+    choice = (choose_stat(runs, stat, [str(r.path) for r in runs]) if runs
+              else Choice(stat or "final", [], []))
+    records = [run_record(run, metric, choice.stat) for run in runs]
+    columns = ["method", "algorithm", "pseudo", *SETTING_KEYS, "seed", "stat", "value",
+               "tail_recall", "evals", "status", "path"]
+    frame = pd.DataFrame.from_records(records, columns=columns)
+    frame.attrs["choice"] = choice
+    return frame
 
 
 def gammas_tied(records: pd.DataFrame) -> bool:
@@ -212,22 +222,21 @@ def paper_table(stats: pd.DataFrame, pm: str = " \u00b1 ", bold: str = "") -> pd
     return table
 
 
-def caption(stats: pd.DataFrame, records: pd.DataFrame, metric: str, stat: str) -> str:
-    """Table caption: what a cell is, how many seeds, and the settings shared by all runs."""
+def caption(stats: pd.DataFrame, records: pd.DataFrame, metric: str, stat: str,
+            notes: Sequence[str] = ()) -> str:
+    """Table caption: what a cell is (the statistic, and why that one), how many seeds, and
+    the settings shared by all runs."""
     ns = sorted({int(n) for n in stats["n"]}) if len(stats) else [0]
     seeds = f"{ns[0]} seed(s)" if len(ns) == 1 else f"{ns[0]}-{ns[-1]} seeds (n per cell)"
-    text = CAPTION.format(metric=metric, stat=_stat_text(stat), seeds=seeds)
+    text = CAPTION.format(metric=metric, stat=stat_text(stat), seeds=seeds)
+    if notes:
+        text += " " + " ".join(notes)
     fixed = fixed_keys(records) if len(records) else []
     if len(records) and "gamma" in varying_keys(records):
         text += " gamma = gamma_l = gamma_u (labeled and unlabeled imbalance ratio)."
     if fixed:
         text += " Fixed: " + setting_label(records.iloc[0].to_dict(), fixed) + "."
     return text
-
-
-def _stat_text(stat: str) -> str:
-    """Human wording of a stat name."""
-    return "median of the last 20 evaluations" if stat == "median_last20" else "final value"
 
 
 def to_markdown(table: pd.DataFrame, caption_text: str = "") -> str:
@@ -358,18 +367,23 @@ def _categorical(rows: pd.DataFrame) -> bool:
 
 
 def write_results(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                  metric: str = "test/top1", stat: str = "median_last20") -> list[Path]:
-    """Collect runs under ``paths`` and write runs.csv, table.csv/.md/.tex and the plot."""
-    records = collect_runs(paths, metric, stat)
+                  metric: str = "test/top1", stat: str | None = None,
+                  records: pd.DataFrame | None = None) -> list[Path]:
+    """Collect runs under ``paths`` (or take ``collect_runs``' ``records``) and write
+    runs.csv, table.csv/.md/.tex and the plots, all with the statistic ``collect_runs``
+    chose (``stat`` or its fallback)."""
+    records = collect_runs(paths, metric, stat) if records is None else records
     if records.empty:
         raise FileNotFoundError("no run folders (config.yaml + metrics.jsonl) found")
+    choice = records.attrs["choice"]
+    stat = choice.stat
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stats = aggregate(records)
-    text = caption(stats, records, metric, stat)
+    text = caption(stats, records, metric, stat, choice.notes)
     tail = aggregate(records, "tail_recall")
     tail_text = caption(tail, records, f"Test tail recall = mean recall of the "
-                        f"{TAIL_FRACTION:.0%} least-labeled classes;", stat)
+                        f"{TAIL_FRACTION:.0%} least-labeled classes;", stat, choice.notes)
     files = [out / "runs.csv", out / "table.csv", out / "table.md", out / "table.tex",
              out / "tail_recall.csv", out / "tail_recall.md"]
     records.to_csv(files[0], index=False)
@@ -378,8 +392,8 @@ def write_results(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike
     files[3].write_text(to_latex(stats, text), encoding="utf-8")
     tail.to_csv(files[4], index=False)
     files[5].write_text(to_markdown(paper_table(tail, bold="**"), tail_text), encoding="utf-8")
-    return (files + plot_vs_gamma(stats, out, f"{metric} ({_stat_text(stat)}), %")
-            + plot_vs_gamma(tail, out, f"tail recall ({_stat_text(stat)}), %",
+    return (files + plot_vs_gamma(stats, out, f"{metric} ({stat_text(stat)}), %")
+            + plot_vs_gamma(tail, out, f"tail recall ({stat_text(stat)}), %",
                             "tail_recall_vs_gamma"))
 
 
@@ -395,16 +409,26 @@ def collect_main(argv: Sequence[str] | None = None, prog: str = "collect_results
                     "bands, from a Hydra multirun folder or a list of run folders.")
     parser.add_argument("paths", nargs="+", help="multirun folder(s) or run folder(s)")
     parser.add_argument("--metric", default="test/top1", help="split/metric, e.g. test/top1")
-    parser.add_argument("--stat", default="median_last20", choices=STATS)
+    parser.add_argument("--stat", default=None,
+                        help="final, or median_last<k> (e.g. median_last20). Default: the "
+                             "DASO-protocol median_last<k>, k = the runs' "
+                             "trainer.summary_last, when every run has k evaluations, else "
+                             "final. A median some run lacks falls back to final, with a "
+                             "warning")
     parser.add_argument("--out", default=None,
                         help="output folder (default: <MULTIRUN_DIR>/results, or ./results)")
     args = parser.parse_args(argv)
     out = args.out or (Path(args.paths[0]) / "results" if len(args.paths) == 1 else "results")
     try:
-        files = write_results(args.paths, out, args.metric, args.stat)
+        if args.stat is not None:
+            parse_stat(args.stat)
+        records = collect_runs(args.paths, args.metric, args.stat)
+        files = write_results(args.paths, out, args.metric, args.stat, records)
     except (FileNotFoundError, ValueError) as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
+    for warning in records.attrs["choice"].warnings:
+        print(f"{prog}: warning: {warning}", file=sys.stderr)
     print((Path(out) / "table.md").read_text(encoding="utf-8"))
     print((Path(out) / "tail_recall.md").read_text(encoding="utf-8"))
     for path in files:

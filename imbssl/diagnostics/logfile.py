@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from imbssl.diagnostics.metrics import PER_CLASS_COLUMNS, median_of_last
+from imbssl.diagnostics.metrics import PER_CLASS_COLUMNS
 from imbssl.errors import UserError
 from imbssl.fileio import atomic_open
 
@@ -287,12 +287,12 @@ class Run:
         return out
 
     def median_last(self, metric: str = "test/top1", n: int = 20) -> float:
-        """DASO protocol summary of ``metric`` ("split/name"): summary.json, else computed."""
-        stored = ((self.summary or {}).get(f"median_last{n}") or {}).get(metric)
-        if finite(stored):
-            return float(stored)
+        """DASO protocol summary of ``metric`` ("split/name"): the median of its last ``n``
+        logged values; NaN with fewer than ``n`` (see ``summary_stats.median_last``)."""
+        from imbssl.diagnostics.summary_stats import median_last
+
         split, _, name = metric.partition("/")
-        return median_of_last(self.split_series(split, name).tolist(), n)
+        return median_last(self.split_series(split, name).tolist(), n)
 
     def num_evals(self, split: str = "test") -> int:
         """How many evaluations of ``split`` are logged."""

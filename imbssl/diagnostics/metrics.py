@@ -118,12 +118,8 @@ def format_per_class_table(metrics: dict, class_names: Sequence[str] | None = No
 
 
 def final_accuracy_lines(metrics: dict, history: Sequence[float], window: int = 20) -> str:
-    """The last lines a run prints: the final EMA accuracy, and DASO's summary (median of the
-    last ``window`` evaluations) only when the run had that many evaluations."""
-    text = (f"final test balanced accuracy: {100 * metrics['balanced_acc']:.2f}%  "
-            f"(top-1 {100 * metrics['top1']:.2f}%; EMA model, last evaluation)")
-    if len(history) >= window:
-        return text + (f"\nDASO-protocol summary: median of the last {window} evaluations, "
-                       f"balanced accuracy {100 * median_of_last(history, window):.2f}%")
-    return text + (f"\n(no DASO-protocol median: it needs {window} evaluations, "
-                   f"this run had {len(history)})")
+    """The last lines a run prints, from the balanced-accuracy ``history`` and the final
+    ``metrics``: ``summary_stats.console_lines`` (the one definition)."""
+    from imbssl.diagnostics.summary_stats import console_lines
+
+    return console_lines({"test/balanced_acc": list(history)}, window, metrics)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from imbssl.diagnostics.logfile import Run, read_run, short_value
 from imbssl.diagnostics.tracker import PSEUDO_KINDS, REFINER_STATE
@@ -24,6 +25,7 @@ logging.getLogger("matplotlib").setLevel(logging.WARNING)  # no INFO chatter und
 
 PNG_DPI = 110
 MAX_TICKS = 30
+HEATMAP_TICKS = 8  # iteration labels per heatmap panel (the same spacing in every panel)
 LABEL_KEYS = (("algorithm.name", ""), ("pseudo.name", ""), ("dataset.name", ""),
               ("dataset.n1", "N1="), ("dataset.m1", "M1="), ("dataset.gamma_l", "γl="),
               ("dataset.gamma_u", "γu="), ("dataset.reverse_unlabeled", "rev="),
@@ -118,7 +120,7 @@ def _last_step(run: Run, source: str, kind: str | None) -> int | None:
     return int(steps.max()) if len(steps) else None
 
 
-def _bar_frame(runs, labels, source, kinds) -> pd.DataFrame:
+def _bar_frame(runs, labels, source, kinds, subset: str = "all") -> pd.DataFrame:
     """Long frame (class position, run, metric, value) of the last per-class rows per run."""
     steps = [_last_step(r, source, k) for r, k in zip(runs, kinds)]
     if len({s for s in steps if s is not None}) > 1:
@@ -127,14 +129,16 @@ def _bar_frame(runs, labels, source, kinds) -> pd.DataFrame:
         labels = [f"{lab} [{k}]" for lab, k in zip(labels, kinds)]
     frames = []
     for run, label, kind in zip(runs, labels, kinds):
-        wide = per_class_at(run, source, kind) if kind else pd.DataFrame()
+        wide = per_class_at(run, source, kind, subset) if kind else pd.DataFrame()
         if wide.empty:
             continue
         order = [c for c in class_order(runs[0]) if c in wide.index]
         for metric in ("recall", "precision"):
+            undefined = wide.loc[order, UNDEFINED_IF_ZERO[metric]].to_numpy() == 0
             frames.append(pd.DataFrame({"position": range(len(order)), "run": label,
                                         "metric": metric,
-                                        "value": wide.loc[order, metric].to_numpy()}))
+                                        "value": np.where(undefined, np.nan,
+                                                          wide.loc[order, metric].to_numpy())}))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -143,7 +147,7 @@ def _thin_ticks(ax, labels: Sequence[str]) -> None:
     every = max(1, math.ceil(len(labels) / MAX_TICKS))
     ticks = list(range(0, len(labels), every))
     ax.set_xticks(ticks)
-    ax.set_xticklabels([labels[i] for i in ticks], fontsize=8)
+    ax.set_xticklabels([labels[i] for i in ticks], fontsize=10)
 
 
 def _move_legend_outside(fig: Figure, ax, remove: bool = False, where: str = "upper") -> None:
@@ -152,24 +156,31 @@ def _move_legend_outside(fig: Figure, ax, remove: bool = False, where: str = "up
     if ax.get_legend() is not None:
         ax.get_legend().remove()
     if not remove and handles:
-        fig.legend(handles, names, loc=f"outside {where} center", ncols=min(4, len(names)),
-                   fontsize=9, frameon=False)
+        columns = max(1, int(fig.get_figwidth() // 3))  # about 3 inches per entry: no cut
+        fig.legend(handles, names, loc=f"outside {where} center",
+                   ncols=min(columns, len(names)), fontsize=9, frameon=False)
+
+
+SUBSET_WORDS = {"all": "all, confident or not", "confident": "confident only: mask = 1, "
+                "the ones the unlabeled loss uses"}
 
 
 def plot_per_class_bars(runs: Sequence[Run], labels: Sequence[str], source: str,
-                        out_dir: Path, stem: str) -> FigureFile | None:
-    """Recall (top) and precision (bottom) per class, head to tail, one hue per run."""
+                        out_dir: Path, stem: str, subset: str = "all") -> FigureFile | None:
+    """Recall (top) and precision (bottom) per class, head to tail, one hue per run; for
+    pseudo-labels, all of them or only the confident ones (``subset``), as the title says."""
     if source == "pseudo":
         kinds = [pseudo_kind(r) for r in runs]
         used = {k for k in kinds if k}
-        title = f"Pseudo-labels ({used.pop()})" if len(used) == 1 else "Pseudo-labels"
+        kind = f"{used.pop()}, " if len(used) == 1 else ""
+        title = f"Pseudo-labels ({kind}{SUBSET_WORDS[subset]})"
     else:
         kinds, title = ["prediction"] * len(runs), f"{source.capitalize()} predictions"
-    data = _bar_frame(runs, labels, source, kinds)
+    data = _bar_frame(runs, labels, source, kinds, subset)
     if data.empty:
         return None
     k = int(data["position"].max()) + 1
-    fig, axes = _figure(min(24.0, max(7.0, 0.45 * k * max(1, len(runs)) ** 0.5 + 2)), 6.4, 2)
+    fig, axes = _figure(_class_axis_width(k, len(runs)), 6.4, 2)
     ticks = class_tick_labels(runs[0], class_order(runs[0]))[:k]
     for ax, metric in zip(axes[:, 0], ("recall", "precision")):
         sns.barplot(data=data[data["metric"] == metric], x="position", y="value", hue="run",
@@ -180,9 +191,18 @@ def plot_per_class_bars(runs: Sequence[Run], labels: Sequence[str], source: str,
         ax.set_xlabel("class (labeled count), head \u2192 tail")
         _thin_ticks(ax, ticks)
         _move_legend_outside(fig, ax, remove=metric == "recall", where="lower")
-    fig.suptitle(f"{title}: per-class recall and precision at the last evaluation")
+    when = "last interval" if source == "pseudo" else "last evaluation"
+    fig.suptitle(_wrap(f"{title}: per-class recall and precision, {when}"
+                       + " (no bar: undefined)",
+                       _class_axis_width(k, len(runs))), fontsize=11)
     return FigureFile(f"{title}: per-class recall and precision",
                       *save_figure(fig, out_dir, stem))
+
+
+def _class_axis_width(k: int, runs: int) -> float:
+    """Figure width (inches) of a per-class bar chart: narrow enough that every class's
+    label stays readable when a phone shrinks the figure to its width."""
+    return min(24.0, max(6.5, 0.42 * k * max(1, runs) ** 0.5 + 1.5))
 
 
 def _recall_grid(df: pd.DataFrame, kind: str | None) -> pd.DataFrame:
@@ -210,21 +230,24 @@ def plot_pseudo_heatmap(run: Run, label: str, out_dir: Path, stem: str) -> Figur
         return None
     order = [c for c in class_order(run) if c in next(iter(grids.values())).index]
     names = [t.replace("\n", " ") for t in class_tick_labels(run, order)]
-    steps = max(g.shape[1] for g in grids.values())
-    width = min(15.0, max(4.5, 2.0 + 0.08 * steps) * len(grids))
+    steps = sorted(set().union(*(g.columns for g in grids.values())))
+    width = min(15.0, max(4.5, 2.0 + 0.08 * len(steps)) * len(grids))
     fig, axes = _figure(width, min(14.0, max(3.6, 1.8 + 0.3 * len(order))), 1, len(grids),
                         sharey=True)
+    every = max(1, math.ceil(len(steps) / HEATMAP_TICKS))
+    ticks = list(range(0, len(steps), every))  # the same iterations on every panel and run
     for i, (ax, (kind, grid)) in enumerate(zip(axes[0], grids.items())):
-        grid = grid.reindex(order)
+        grid = grid.reindex(index=order, columns=steps)
         grid.index = names
         ax.set_facecolor("#dddddd")  # classes without samples in an interval
         sns.heatmap(grid, vmin=0, vmax=1, cmap="viridis", ax=ax, cbar=i == len(grids) - 1,
-                    cbar_kws={"label": "recall"}, xticklabels="auto", yticklabels="auto")
+                    cbar_kws={"label": "recall"}, xticklabels=False, yticklabels=True)
+        ax.set_xticks([t + 0.5 for t in ticks], [str(int(steps[t])) for t in ticks],
+                      rotation=90, fontsize=8)
         ax.set_title(kind, fontsize=10)
         ax.set_xlabel("iteration")
-        ax.tick_params(axis="x", labelrotation=90)  # the same on every panel
         ax.set_ylabel("class (labeled count)" if i == 0 else "")
-    title = f"{label}: recall of the pseudo-labels over training"
+    title = f"{label}: recall of all pseudo-labels (confident or not) over training"
     fig.suptitle(_wrap(title, width), fontsize=11)
     return FigureFile(title, *save_figure(fig, out_dir, stem))
 
@@ -301,7 +324,7 @@ def plot_pseudo_kinds(runs: Sequence[Run], labels: Sequence[str], out_dir: Path,
         return None
     k = int(data["position"].max()) + 1
     hues = list(pd.unique(data["series"]))
-    fig, axes = _figure(min(24.0, max(7.0, 0.3 * k * len(hues) ** 0.6 + 2.5)), 7.0, 2)
+    fig, axes = _figure(min(24.0, max(7.0, 0.22 * k * len(hues) ** 0.6 + 2.5)), 7.0, 2)
     ticks = class_tick_labels(runs[0], class_order(runs[0]))[:k]
     for ax, metric in zip(axes[:, 0], ("recall", "precision")):
         sns.barplot(data=data[data["metric"] == metric], x="position", y="value",
@@ -314,9 +337,11 @@ def plot_pseudo_kinds(runs: Sequence[Run], labels: Sequence[str], out_dir: Path,
         _move_legend_outside(fig, ax, remove=metric == "recall", where="lower")
     step = ", ".join(sorted({str(_last_step(r, "pseudo", "final") or _last_step(
         r, "pseudo", "linear")) for r in runs}))
-    fig.suptitle(f"Pseudo-labels per class: linear vs semantic vs final (interval ending at "
-                 f"iteration {step}; undefined values left out)", fontsize=11)
-    return FigureFile("Pseudo-labels per class: linear vs semantic vs final",
+    fig.suptitle(_wrap(f"All pseudo-labels (confident or not) per class: linear vs semantic "
+                       f"vs final (interval ending at iteration {step}; undefined values left "
+                       "out)", fig.get_figwidth()), fontsize=11)
+    return FigureFile("All pseudo-labels (confident or not) per class: linear vs semantic vs "
+                      "final",
                       *save_figure(fig, out_dir, stem))
 
 
@@ -440,29 +465,51 @@ def _accuracy_frame(runs: Sequence[Run], labels: Sequence[str]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def _same_metrics(data: pd.DataFrame) -> bool:
+    """True when top-1 and balanced accuracy are the same at every logged point (a balanced
+    evaluation set: the same number of images per class)."""
+    keys = ["run", "split", "step"]
+    top1 = data[data["metric"] == "top1"].set_index(keys)["value"]
+    bal = data[data["metric"] == "balanced_acc"].set_index(keys)["value"]
+    return bool(len(top1) and top1.index.equals(bal.index)
+                and np.allclose(top1.to_numpy(), bal.reindex(top1.index).to_numpy()))
+
+
+SPLIT_STYLE = {"test": "-", "valid": "--"}
+
+
 def plot_accuracy(runs: Sequence[Run], labels: Sequence[str], out_dir: Path,
                   stem: str) -> FigureFile | None:
-    """Top-1 and balanced accuracy (%) over iterations; hue = run, style = split."""
+    """Top-1 and balanced accuracy (%) over iterations: colour = run, line style = split;
+    one panel when both are the same number (a balanced test set), and says so."""
     data = _accuracy_frame(runs, labels)
     if data.empty:
         return None
-    fig, axes = _figure(12, 4.2, 1, 2)
+    same = _same_metrics(data)
+    panels = [("top1", "top-1 = balanced accuracy (balanced set)")] if same else [
+        ("top1", "top-1 accuracy"), ("balanced_acc", "balanced accuracy")]
+    fig, axes = _figure(6.5 * len(panels) + 0.5, 4.6, 1, len(panels))
     hue_order = [lab for lab in labels if lab in set(data["run"])]
+    colours = dict(zip(hue_order, sns.color_palette("colorblind", len(hue_order))))
     splits = [s for s in ("test", "valid") if s in set(data["split"])]
-    for ax, metric in zip(axes[0], ("top1", "balanced_acc")):
+    for ax, (metric, name) in zip(axes[0], panels):
         part = data[data["metric"] == metric]
-        if part.empty:
-            continue
-        sns.lineplot(data=part, x="step", y="value", hue="run", hue_order=hue_order,
-                     style="split" if len(splits) > 1 else None, style_order=splits,
-                     palette="colorblind", marker="o" if part["step"].nunique() < 30 else None,
-                     ax=ax)
-        name = "top-1 accuracy" if metric == "top1" else "balanced accuracy"
-        ax.set_title(name if len(splits) > 1 else f"{name} ({splits[0]})")
+        for (label, split), rows in part.groupby(["run", "split"], sort=False):
+            ax.plot(rows["step"], rows["value"], color=colours[label],
+                    linestyle=SPLIT_STYLE.get(split, ":"),
+                    marker="o" if rows["step"].nunique() < 30 else None, markersize=3)
+        ax.set_title(name if len(splits) > 1 else f"{name}, {splits[0]}", fontsize=11)
         ax.set_xlabel("iteration")
         ax.set_ylabel("%")
-        _move_legend_outside(fig, ax, remove=metric == "balanced_acc")
-    return FigureFile("Accuracy over iterations", *save_figure(fig, out_dir, stem))
+    handles = [Line2D([], [], color=colours[lab], linewidth=2, label=lab) for lab in hue_order]
+    if len(splits) > 1:
+        handles += [Line2D([], [], color="0.3", linestyle=SPLIT_STYLE[s], label=s)
+                    for s in splits]
+    fig.legend(handles=handles, loc="outside lower center", fontsize=9, frameon=False,
+               ncols=min(len(handles), 3))
+    title = "Accuracy over iterations" + (
+        " (top-1 = balanced accuracy: the evaluation set is balanced)" if same else "")
+    return FigureFile(title, *save_figure(fig, out_dir, stem))
 
 
 def make_figures(runs: Sequence[Run], out_dir: str | os.PathLike,
@@ -473,6 +520,8 @@ def make_figures(runs: Sequence[Run], out_dir: str | os.PathLike,
     figs = [plot_accuracy(runs, labels, out, "accuracy"),
             plot_per_class_bars(runs, labels, "test", out, "per_class_test"),
             plot_per_class_bars(runs, labels, "pseudo", out, "per_class_pseudo"),
+            plot_per_class_bars(runs, labels, "pseudo", out, "per_class_pseudo_confident",
+                                "confident") if _confident_matters(runs) else None,
             plot_pseudo_kinds(runs, labels, out, "pseudo_kinds"),
             plot_mask_rate(runs, labels, out, "mask_rate")]
     for i, (run, label) in enumerate(zip(runs, labels)):
@@ -483,6 +532,14 @@ def make_figures(runs: Sequence[Run], out_dir: str | os.PathLike,
                 fig.run = i
                 figs.append(fig)
     return [f for f in figs if f is not None]
+
+
+def _confident_matters(runs: Sequence[Run]) -> bool:
+    """Whether the confident pseudo-labels look different enough from all of them to be
+    plotted too (see ``findings.confident_differs``)."""
+    from imbssl.diagnostics.findings import confident_differs
+
+    return any(confident_differs(r) for r in runs)
 
 
 def make_plots(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> list[Path]:

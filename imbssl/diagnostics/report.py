@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from imbssl.diagnostics.findings import balanced_test_set, findings
 from imbssl.diagnostics.logfile import Run, finite, is_run_dir, read_run, short_value
 from imbssl.diagnostics.plots import (
     FigureFile,
@@ -26,6 +27,18 @@ from imbssl.diagnostics.plots import (
     per_class_at,
     pseudo_kind,
     run_labels,
+)
+from imbssl.diagnostics.summary_stats import (
+    FINAL,
+    Choice,
+    choose_stat,
+    median_key,
+    num_evaluations,
+    run_history,
+    run_statistic,
+    run_window,
+    stat_text,
+    statistic,
 )
 
 DASH = "\u2013"
@@ -37,26 +50,38 @@ h2 { margin-top: 2em; border-bottom: 1px solid #ccc; padding-bottom: 2px; }
 table { border-collapse: collapse; margin: 8px 0 16px; font-size: 13px; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; }
 th { background: #eef2f6; text-align: center; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 tr:nth-child(even) td { background: #fafbfc; }
 figure { margin: 12px 0 24px; }
-figure img { max-width: 100%; border: 1px solid #e3e3e3; }
+figure img { max-width: 100%; height: auto; border: 1px solid #e3e3e3; }
 figcaption { font-size: 13px; color: #555; }
 .note { color: #666; font-size: 13px; max-width: 640px; }
+ul.findings li { margin-bottom: 6px; max-width: 760px; }
 .figrow { display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }
 .figrow figure { flex: 1 1 45%; margin: 0 0 16px; }
 .row { display: flex; flex-wrap: wrap; gap: 32px; align-items: flex-start; }
 .status-finished { color: #1a7f37; } .status-running { color: #9a6700; }
 .status-stopped, .status-incomplete { color: #cf222e; }
-.scroll { overflow-x: auto; max-width: 100%; }
+/* a wide table scrolls inside its own box; its first column stays in view */
+.scroll { overflow-x: auto; max-width: 100%; -webkit-overflow-scrolling: touch; }
+.scroll th:first-child, .scroll td:first-child { position: sticky; left: 0;
+       background: #fff; z-index: 1; }
+.scroll th:first-child { background: #eef2f6; }
 .row > div { min-width: 0; max-width: 100%; }
 th { white-space: nowrap; }
+td { overflow-wrap: break-word; }
+.scroll td:first-child { white-space: nowrap; }
 @media (max-width: 700px) {
-  body { margin: 12px auto; padding: 0 8px; }
-  h1 { font-size: 1.5em; }
-  figure { overflow-x: auto; }
-  figure img { max-width: none; width: 720px; }
+  body { margin: 8px auto; padding: 0 8px; }
+  h1 { font-size: 1.3em; margin: 0.3em 0; }
+  h2 { font-size: 1.15em; margin-top: 1.4em; }
+  table { font-size: 12px; }
+  th { white-space: normal; }
+  th, td { padding: 2px 4px; }
+  .row { display: block; }
   .figrow figure { flex-basis: 100%; }
+  figure { margin: 8px 0 16px; }
+  figure img { width: 100%; }
 }
 """
 
@@ -74,8 +99,8 @@ class Table:
 class Block:
     """One element of the report: heading, paragraph, table or figure."""
 
-    kind: str  # h1 | h2 | h3 | p | table | row (tables side by side) | figure | figrow
-    content: str | Table | list[Table] | FigureFile | list[FigureFile]
+    kind: str  # h1 | h2 | h3 | p | ul | table | row (tables side by side) | figure | figrow
+    content: str | list[str] | Table | list[Table] | FigureFile | list[FigureFile]
 
 
 def pct(value) -> str:
@@ -108,21 +133,63 @@ def settings(run: Run) -> dict[str, str]:
     return out
 
 
-def comparison_table(runs: Sequence[Run], labels: Sequence[str]) -> Table:
-    """One row per run: settings, status, final and median-of-last-20 accuracies (%)."""
-    cols = ["algorithm", "pseudo", "dataset", "N1", "M1", "gamma_l", "gamma_u", "seed"]
-    headers = ["run", *cols, "status", "step / iters", "final top1", "final bal. acc",
-               "median20 top1", "median20 bal. acc"]
-    rows = []
-    for run, label in zip(runs, labels):
-        s, final = settings(run), run.final_metrics()
-        rows.append([label, *(s[c] for c in cols), run.status,
-                     f"{run.last_step} / {s['iterations']}",
-                     pct(final.get("test/top1")), pct(final.get("test/balanced_acc")),
-                     pct(run.median_last("test/top1")),
-                     pct(run.median_last("test/balanced_acc"))])
-    return Table(headers, rows, "Accuracies in %; median20 = median of the last 20 test "
-                                "evaluations (DASO protocol; fewer if fewer were run).")
+def _accuracy_columns(runs: Sequence[Run], stat: str) -> list[tuple[str, str, str]]:
+    """(header, metric, stat) of the result table: top-1 and balanced accuracy (one column
+    when the test set is balanced and they are equal), plain and post-hoc LA."""
+    name = "final" if stat == FINAL else stat
+    same = all(balanced_test_set(r) for r in runs)
+    metrics = [("top-1 = bal. acc", "test/balanced_acc")] if same else [
+        ("top-1", "test/top1"), ("bal. acc", "test/balanced_acc")]
+    if any(run_history(r, "test/balanced_acc_posthoc_la") for r in runs):
+        metrics.append(("post-hoc LA bal. acc", "test/balanced_acc_posthoc_la"))
+    stats = [FINAL] if stat == FINAL else [FINAL, stat]
+    return [(f"{'final' if st == FINAL else name} {head}", metric, st)
+            for st in stats for head, metric in metrics]
+
+
+def result_table(runs: Sequence[Run], labels: Sequence[str], choice: Choice) -> Table:
+    """The result first (it must fit a phone's first screen): one row per run, its test
+    accuracies (%) by the final evaluation and by the statistic the runs are compared by."""
+    columns = _accuracy_columns(runs, choice.stat)
+    rows = [[label, *(pct(run_statistic(run, metric, st)) for _, metric, st in columns)]
+            for run, label in zip(runs, labels)]
+    ks = sorted({run_window(r) for r in runs})
+    text = (f"Test accuracies in %. final = the last evaluation; {median_key(ks[0])} = "
+            f"the median of the last {ks[0]} evaluations (DASO protocol, "
+            "trainer.summary_last), shown only when every run has that many. "
+            if len(ks) == 1 else "Test accuracies in %. final = the last evaluation. ")
+    if any("posthoc_la" in metric for _, metric, _ in columns):
+        text += ("Post-hoc LA: the classifier's logits minus log of the labeled class "
+                 "frequencies (tau 1), from the same evaluation. ")
+    return Table(["run", *(head for head, _, _ in columns)], rows,
+                 text + " ".join(choice.notes))
+
+
+def ranking_sentence(runs: Sequence[Run], labels: Sequence[str], choice: Choice) -> str:
+    """Which run is best by the statistic every run has (the same one compare uses)."""
+    values = [run_statistic(r, "test/balanced_acc", choice.stat) for r in runs]
+    order = sorted((i for i in range(len(runs)) if finite(values[i])),
+                   key=lambda i: -values[i])
+    if not order:
+        return "No test evaluation logged yet."
+    ranked = ", ".join(f"{labels[i]} {pct(values[i])}" for i in order)
+    if len(runs) == 1:
+        return f"Test balanced accuracy, {stat_text(choice.stat)} ({choice.stat}): {ranked}."
+    return (f"Ranked by test balanced accuracy, {stat_text(choice.stat)} "
+            f"({choice.stat}): {ranked}.")
+
+
+def runs_table(runs: Sequence[Run], labels: Sequence[str]) -> Table:
+    """Settings, status, progress and evaluations: one row per setting, one column per run
+    (narrow enough for a phone when a few runs are compared)."""
+    keys = ["algorithm", "pseudo", "dataset", "N1", "M1", "gamma_l", "gamma_u", "seed",
+            "iterations"]
+    every = [settings(r) for r in runs]
+    rows = [[key, *(s[key] for s in every)] for key in keys]
+    rows += [["status", *(r.status for r in runs)],
+             ["last step", *(str(r.last_step) for r in runs)],
+             ["test evaluations", *(str(num_evaluations(r)) for r in runs)]]
+    return Table(["setting", *labels], rows)
 
 
 IGNORED_SETTINGS = ("run_dir", "resume", "overwrite", "experiment_name", "notes", "logger",
@@ -183,18 +250,27 @@ def delta_table(runs: Sequence[Run], labels: Sequence[str]) -> Table | None:
     lab = runs[0].labeled_counts or []
     rows = [[runs[0].class_names[c], _at(lab, c)]
             + [_delta(w, base, c, m) for w, base, m in columns] for c in class_order(runs[0])]
+    note = (f" {BASE_UNDEFINED} = the other run's value, not a difference: {labels[0]} never "
+            "predicted the class, so its precision is undefined."
+            if any(BASE_UNDEFINED in cell for row in rows for cell in row) else "")
     return Table(headers, rows, f"Classes head to tail. Values of {labels[0]} in %, \u0394 = "
                  "other run minus it, in percentage points; test recall at each run's last "
-                 "evaluation, pseudo-labels (final) over the interval ending there.")
+                 "evaluation, pseudo-labels (final, all) over the interval ending there." + note)
+
+
+BASE_UNDEFINED = "\u2020"  # dagger: the value itself, the first run's being undefined
 
 
 def _delta(wide: pd.DataFrame, base: pd.DataFrame | None, c: int, metric: str) -> str:
-    """wide's value (base is None) or wide - base, in % / points; a dash when undefined."""
+    """wide's value (base is None) or wide - base, in % / points; the value with a dagger
+    when only the first run's is undefined; a dash when wide's is."""
     value = _value(wide, c, metric)
     if base is None:
         return pct(value)
     ref = _value(base, c, metric)
-    return f"{100 * (value - ref):+.2f}" if finite(value) and finite(ref) else DASH
+    if finite(value) and finite(ref):
+        return f"{100 * (value - ref):+.2f}"
+    return f"{pct(value)} {BASE_UNDEFINED}" if finite(value) else DASH
 
 
 def _value(wide: pd.DataFrame, c: int, metric: str) -> float:
@@ -214,24 +290,39 @@ def text_table(table: Table) -> str:
 
 
 def metrics_table(run: Run) -> Table:
-    """Final (or last) value and median of the last 20 evaluations of each metric (%)."""
-    final = run.final_metrics()
-    names = list(dict.fromkeys([*final, "test/top1", "test/balanced_acc"]))
-    rows = [[name, pct(final.get(name)), pct(run.median_last(name))] for name in names]
+    """Final (or last) value and median of the last k evaluations of each metric (%),
+    k = the run's trainer.summary_last; the median only where there are k values."""
+    k = run_window(run)
+    names = list(dict.fromkeys([*run.final_metrics(), "test/top1", "test/balanced_acc"]))
+    rows = [[name, pct(run_statistic(run, name, FINAL)),
+             _median_cell(run_history(run, name), k)] for name in names]
     for name in _pseudo_metric_names(run):
-        series = run.split_series("train", name)
-        rows.append([name, pct(series.iloc[-1]), pct(run.median_last(f"train/{name}"))])
-    source = "summary.json" if run.summary else "metrics.jsonl (no summary.json yet)"
-    return Table(["metric", "final / last", "median of last 20"], rows,
-                 f"In %; test metrics from {source}; pseudo-label metrics per logging "
-                 "interval from metrics.jsonl.")
+        series = run.split_series(_pseudo_split(run, name), name).tolist()
+        rows.append([name, pct(series[-1]), _median_cell(series, k)])
+    source = "metrics.jsonl" if len(run.metrics) else "summary.json"
+    source += "" if run.summary else " (no summary.json yet)"
+    return Table(["metric", "final / last", median_key(k)], rows,
+                 f"In %, from {source}; {median_key(k)} = median of the last {k} values "
+                 f"(trainer.summary_last), only where there are {k}; pseudo-label metrics "
+                 "per logging interval.")
+
+
+def _median_cell(values: Sequence[float], k: int) -> str:
+    """The median of the last k values, or why there is none."""
+    value = statistic(values, median_key(k))
+    return pct(value) if finite(value) else f"{DASH} ({len(values)} < {k})"
+
+
+def _pseudo_split(run: Run, name: str) -> str:
+    """The metrics.jsonl split a pseudo-label metric is logged under."""
+    return "pseudo" if len(run.split_series("pseudo", name)) else "train"
 
 
 def _pseudo_metric_names(run: Run) -> list[str]:
     """Logged pseudo-label accuracies (pseudo/<kind>/<subset>/acc or balanced_acc)."""
     cols = [c for c in run.metrics.columns if str(c).startswith("pseudo/")]
     return [c for c in cols if c.rsplit("/", 1)[-1] in ("acc", "balanced_acc")
-            and len(run.split_series("train", c))]
+            and len(run.split_series(_pseudo_split(run, c), c))]
 
 
 def _wide(run: Run, source: str, kind: str | None, subset: str = "all") -> pd.DataFrame:
@@ -295,9 +386,17 @@ def build_blocks(runs: Sequence[Run], labels: Sequence[str],
                  figures: Sequence[FigureFile]) -> list[Block]:
     """The report's content, independent of the output format."""
     when = datetime.now().strftime("%Y-%m-%d %H:%M")
+    choice = choose_stat(runs, labels=labels)
     blocks = [Block("h1", "imbssl diagnostics report"),
               Block("p", f"{len(runs)} run(s); generated {when}."),
-              Block("h2", "Comparison"), Block("table", comparison_table(runs, labels))]
+              Block("h2", "Result"), Block("p", ranking_sentence(runs, labels, choice)),
+              Block("table", result_table(runs, labels, choice))]
+    blocks += [Block("p", f"Note: {w}.") for w in choice.warnings
+               if not w.startswith("runs compared by")]
+    notes = findings(runs, labels)
+    if notes:
+        blocks += [Block("h2", "What to notice"), Block("ul", notes)]
+    blocks += [Block("h2", "Runs"), Block("table", runs_table(runs, labels))]
     if len(runs) > 1:
         diff = differing_settings(runs)
         blocks.append(Block("p", settings_sentence(diff)))
@@ -346,16 +445,21 @@ def _html_cell(text: str) -> str:
     return f"<td{cls}>{html.escape(text)}</td>"
 
 
-def _html_figure(fig: FigureFile) -> str:
-    """A <figure> with the PNG embedded as base64."""
+def _html_figure(fig: FigureFile, base: Path | None = None) -> str:
+    """A <figure> with the PNG embedded as base64; with ``base`` (the page's folder) the
+    image links to its PNG file, which a phone opens full size."""
     data = base64.b64encode(fig.png.read_bytes()).decode("ascii")
     title = html.escape(fig.title)
-    return (f'<figure><img alt="{title}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{title}</figcaption></figure>")
+    img = f'<img alt="{title}" src="data:image/png;base64,{data}">'
+    if base is not None:
+        href = html.escape(Path(os.path.relpath(fig.png, base)).as_posix())
+        img = f'<a href="{href}">{img}</a>'
+    return f"<figure>{img}<figcaption>{title}</figcaption></figure>"
 
 
-def render_html(blocks: Sequence[Block]) -> str:
-    """A self-contained HTML page (inline CSS, embedded images, no external resources)."""
+def render_html(blocks: Sequence[Block], base: Path | None = None) -> str:
+    """A self-contained HTML page (inline CSS, embedded images, no external resources);
+    figures link to their PNG files relative to ``base``."""
     parts = []
     for b in blocks:
         if b.kind == "table":
@@ -364,9 +468,13 @@ def render_html(blocks: Sequence[Block]) -> str:
             cells = "".join(f"<div>{_html_table(t)}</div>" for t in b.content)
             parts.append(f'<div class="row">{cells}</div>')
         elif b.kind == "figure":
-            parts.append(_html_figure(b.content))
+            parts.append(_html_figure(b.content, base))
         elif b.kind == "figrow":
-            parts.append('<div class="figrow">' + "".join(map(_html_figure, b.content)) + "</div>")
+            parts.append('<div class="figrow">'
+                         + "".join(_html_figure(f, base) for f in b.content) + "</div>")
+        elif b.kind == "ul":
+            items = "".join(f"<li>{html.escape(item)}</li>" for item in b.content)
+            parts.append(f'<ul class="findings">{items}</ul>')
         else:
             parts.append(f"<{b.kind}>{html.escape(b.content)}</{b.kind}>")
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -402,6 +510,8 @@ def render_markdown(blocks: Sequence[Block], base: Path) -> str:
                       for f in figs]
         elif b.kind == "p":
             parts.append(b.content)
+        elif b.kind == "ul":
+            parts.append("\n".join(f"- {item}" for item in b.content))
         else:
             parts.append("#" * int(b.kind[1]) + " " + b.content)
     return "\n\n".join(parts) + "\n"
@@ -414,7 +524,8 @@ def _strip_suffix(path: Path) -> Path:
 
 def build_report(run_dirs: Sequence[str | os.PathLike],
                  out_path: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``out_path``.html (self-contained), ``out_path``.md and ``out_path``_files/."""
+    """Write ``out_path``.html (self-contained), ``out_path``.md and ``out_path``_files/
+    (the figures, PNG + SVG); returns the two pages."""
     bad = [str(d) for d in run_dirs if not is_run_dir(d)]
     if not run_dirs or bad:
         raise ValueError(f"not a run folder: {bad[0] if bad else '(none given)'}")
@@ -425,13 +536,14 @@ def build_report(run_dirs: Sequence[str | os.PathLike],
     figures = make_figures(runs, out.parent / f"{out.name}_files", labels)
     blocks = build_blocks(runs, labels, figures)
     html_path, md_path = out.with_name(out.name + ".html"), out.with_name(out.name + ".md")
-    html_path.write_text(render_html(blocks), encoding="utf-8")
+    html_path.write_text(render_html(blocks, out.parent), encoding="utf-8")
     md_path.write_text(render_markdown(blocks, out.parent), encoding="utf-8")
     return html_path, md_path
 
 
 def report_main(argv: Sequence[str] | None = None) -> int:
-    """CLI: imbssl report RUN [RUN ...] [--out PATH]; prints the files written."""
+    """CLI: imbssl report RUN [RUN ...] [--out PATH]; prints the paths written (HTML page,
+    Markdown page, figures folder), one per line."""
     parser = argparse.ArgumentParser(
         prog="imbssl report",
         description="Build an HTML + Markdown diagnostics report of one or several runs.")
@@ -453,9 +565,15 @@ def report_main(argv: Sequence[str] | None = None) -> int:
         delta = delta_table(runs, labels)
         if delta is not None:
             print(text_table(delta) + "\n")
-    for path in build_report(args.runs, out):
+    html_path, md_path = build_report(args.runs, out)
+    for path in (html_path, md_path, files_folder(html_path)):
         print(path)
     return 0
+
+
+def files_folder(page: Path) -> Path:
+    """The figures folder beside a report page: ``cmp.html`` -> ``cmp_files``."""
+    return page.with_name(_strip_suffix(page).name + "_files")
 
 
 if __name__ == "__main__":

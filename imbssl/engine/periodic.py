@@ -9,14 +9,18 @@ import torch
 
 from imbssl.diagnostics.metrics import (
     confusion_to_metrics,
-    final_accuracy_lines,
     format_per_class_table,
-    median_of_last,
     per_class_rows,
+)
+from imbssl.diagnostics.summary_stats import (
+    EVAL_METRICS,
+    console_lines,
+    evaluation_scores,
+    summarize,
 )
 from imbssl.diagnostics.tracker import diagnostic_rows
 from imbssl.engine import distributed as ddp
-from imbssl.engine.evaluate import confusion_matrix
+from imbssl.engine.evaluate import measured_confusions
 from imbssl.fileio import is_disk_full
 
 
@@ -40,15 +44,14 @@ class PeriodicWork:
     def _measure(self, split: str, tset) -> dict:
         """EMA model on ``tset``: each process counts its shard of the images, summed."""
         part = ddp.shard(len(tset.images))
-        conf = confusion_matrix(self.ema.model, tset.images[part], tset.labels[part],
-                                lambda x: self._prepare(self.data.augmenter.normalize(x)),
-                                self.data.num_classes, self.tcfg.eval_batch_size,
-                                self.autocast, predict=self.algo.eval_predictor(self.ema.model))
-        conf = ddp.all_reduce_sum(conf).cpu().numpy()
-        metrics = confusion_to_metrics(conf)
-        return {"step": self.step_count, "split": split, "top1": float(metrics["top1"]),
-                "balanced_acc": float(metrics["balanced_acc"]), "metrics": metrics,
-                "confusion": conf}
+        confs = measured_confusions(self.ema.model, tset.images[part], tset.labels[part],
+                                    lambda x: self._prepare(self.data.augmenter.normalize(x)),
+                                    self.data.num_classes, self.tcfg.eval_batch_size,
+                                    self.autocast, self.algo.eval_predictor(self.ema.model),
+                                    self.data.labeled.labels)
+        confs = ddp.all_reduce_sum(confs).cpu().numpy()
+        return {"step": self.step_count, "split": split, **evaluation_scores(confs),
+                "metrics": confusion_to_metrics(confs[0]), "confusion": confs[0]}
 
     def evaluate(self) -> dict:
         """EMA model on test (and validation) + pseudo-label diagnostics since the last call."""
@@ -60,14 +63,14 @@ class PeriodicWork:
             res = self._measure(split, tset)
             if split == "valid":  # e.g. DARP's estimate of the unlabeled distribution
                 self.algo.observe_validation(torch.as_tensor(res["confusion"], device=self.device))
-            row = {k: res[k] for k in ("step", "split", "top1", "balanced_acc")}
+            row = {k: res[k] for k in ("step", "split", *EVAL_METRICS) if k in res}
             self._append_metrics(row)
             if self.log is not None:
                 self.log.append_per_class(per_class_rows(step, split, "prediction", "all",
                                                          res["metrics"], names))
                 if split == "test":
                     self.log.write_confusion(res["confusion"])
-            for key in ("top1", "balanced_acc"):
+            for key in (k for k in EVAL_METRICS if k in row):
                 self.eval_history.setdefault(f"{split}/{key}", []).append(row[key])
             results[split] = res
         pseudo_rows = self.tracker.flush(step, names)  # all processes: sums the matrices
@@ -83,11 +86,8 @@ class PeriodicWork:
         return results
 
     def summary(self, status: str, error: str | None = None) -> dict:
-        n = self.tcfg.summary_last
-        final = {k: v[-1] for k, v in self.eval_history.items()}
-        med = {k: float(median_of_last(v, n)) for k, v in self.eval_history.items()}
-        out = {"status": status, "step": self.step_count, "final": final,
-               f"median_last{n}": med, "summary_last": n}
+        out = {"status": status, "step": self.step_count,
+               **summarize(self.eval_history, self.tcfg.summary_last)}
         if error:
             out["error"] = error
         if self._missing:  # evaluations or report parts that failed (training went on)
@@ -97,8 +97,7 @@ class PeriodicWork:
     def _print_final(self) -> None:
         metrics = self._last_test["metrics"]
         print(format_per_class_table(metrics, self.data.class_names, self.data.labeled_counts))
-        history = self.eval_history.get("test/balanced_acc") or [metrics["balanced_acc"]]
-        print(final_accuracy_lines(metrics, history, self.tcfg.summary_last))
+        print(console_lines(self.eval_history, self.tcfg.summary_last, metrics))
         print(f"run folder: {self.run_dir}")
 
     def _append_metrics(self, row: dict) -> None:

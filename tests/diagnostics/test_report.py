@@ -29,9 +29,11 @@ def test_report_one_run(tmp_path, make_run):
     html_path, md_path = build_report([run], tmp_path / "out" / "report")
     assert html_path == tmp_path / "out" / "report.html" and md_path.suffix == ".md"
     html = _check_html(html_path)
-    assert "fixmatch" in html and "median of last 20" in html and "airplane" in html
+    assert "fixmatch" in html and "airplane" in html
+    # 10 evaluations: the table names the median's k and shows why it has no value
+    assert "median_last20" in html and "(10 &lt; 20)" in html
     md = _check_md(md_path)
-    assert "| class | labeled |" in md and "## Comparison" in md
+    assert "| class | labeled |" in md and "## Result" in md
 
 
 def test_report_several_runs_with_one_stopped_early(tmp_path, make_run):
@@ -66,7 +68,7 @@ def test_report_cli(tmp_path, make_run, capsys, monkeypatch):
     run = make_run("a")
     assert report_main([str(run)]) == 0
     out = capsys.readouterr().out.split()
-    assert out == [str(run / "report.html"), str(run / "report.md")]
+    assert out == [str(run / "report.html"), str(run / "report.md"), str(run / "report_files")]
     monkeypatch.chdir(tmp_path)
     assert report_main([str(tmp_path / "missing"), str(run)]) == 2
     err = capsys.readouterr().err

@@ -21,6 +21,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+# slow: multi-process / subprocess training (`pytest -m slow`; CI runs them)
+pytestmark = pytest.mark.slow
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
 ITERS = 8
 COMMON = [f"trainer.iterations={ITERS}", "trainer.batch_size=8", "trainer.log_interval=1",

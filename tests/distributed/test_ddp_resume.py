@@ -17,10 +17,14 @@ import sys
 import textwrap
 import time
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
 from imbssl.engine.checkpoint import state_differences as differences
+
+# slow: multi-process / subprocess training (`pytest -m slow`; CI runs them)
+pytestmark = pytest.mark.slow
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
 ITERS = 8

@@ -82,6 +82,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300, check=False)
 
 
+@pytest.mark.slow  # subprocess / multi-process training: `pytest -m slow`
 def test_resume_continues_from_checkpoint(tmp_path):
     run = tmp_path / "run"
     common = [f"run_dir={run}", "trainer.batch_size=8", "trainer.eval_interval=10",

@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).parents[2]
@@ -66,6 +67,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # subprocess / multi-process training: `pytest -m slow`
 def test_readme_daso_example_under_two_processes(tmp_path):
     """Under 2 gloo processes that draw different batches (and train models that drift apart),
     both ranks end with the same queues and m_hat: those of the global batch."""

@@ -179,6 +179,7 @@ def test_there_are_at_least_twenty_cases():
     assert len(CASES) >= 20
 
 
+@pytest.mark.slow  # subprocess / multi-process training: `pytest -m slow`
 def test_real_processes(world, rel):
     """A few cases as real processes: the exit status and the whole of stderr."""
     import subprocess

@@ -10,12 +10,16 @@ in waves of WAVE: a wave's reference and killed runs at once, then its resumes.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
+# slow: multi-process / subprocess training (`pytest -m slow`; CI runs them)
+pytestmark = pytest.mark.slow
 
 ITERS, KILL_AFTER = 20, 8  # kill once the checkpoint of step 8 exists and step 10 is logged
 COMMON = [f"trainer.iterations={ITERS}", "trainer.batch_size=8", "trainer.eval_interval=4",
@@ -50,8 +54,10 @@ CASES = {
     "acr": ["algorithm=acr", "pseudo=none", "algorithm.epoch_iters=3",
             "algorithm.estimate_after_epochs=0", "algorithm.threshold=0.5"],
 }
-WAVE = 3  # cases run at once (6 processes), so a loaded two-core machine still polls in time
-WAIT = 120 * WAVE  # seconds per phase of a wave
+# cases run at once: each starts two training processes (reference and killed), so a wave
+# never starts more processes than the machine has cores (one case on a two-core machine)
+WAVE = max(1, (os.cpu_count() or 2) // 2)
+WAIT = 360  # seconds per phase of a wave (a loaded two-core machine)
 FILES = ("metrics.jsonl", "per_class.csv", "summary.json", "confusion_test.npy")
 
 

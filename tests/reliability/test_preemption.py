@@ -19,6 +19,9 @@ import torch
 
 from imbssl.engine.checkpoint import list_checkpoints
 
+# slow: multi-process / subprocess training (`pytest -m slow`; CI runs them)
+pytestmark = pytest.mark.slow
+
 FILES = ("metrics.jsonl", "per_class.csv", "summary.json", "confusion_test.npy")
 
 

@@ -12,10 +12,14 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
 from imbssl.engine.checkpoint import list_checkpoints
+
+# slow: multi-process / subprocess training (`pytest -m slow`; CI runs them)
+pytestmark = pytest.mark.slow
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
 ITERS = 8

@@ -126,6 +126,7 @@ def run_as_submitit_job(delayed):
     return delayed.result()
 
 
+@pytest.mark.slow  # subprocess / multi-process training: `pytest -m slow`
 @needs_plugin
 def test_sigusr2_job_requeues_with_resume_and_ends_like_uninterrupted(
         tmp_path, submitit_job, monkeypatch, tiny_cfg, rel):
