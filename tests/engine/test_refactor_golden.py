@@ -92,8 +92,22 @@ def _digest(value) -> str:
     return h.hexdigest()
 
 
+#: metrics keys that later changes added to every evaluation row (issue 27: the post-hoc LA
+#: accuracy is logged by every run); they are left out of the comparison, which keeps the
+#: recorded rows exactly (json.dumps of the same keys in the same order gives the same bytes)
+ADDED_METRICS = ("top1_posthoc_la", "balanced_acc_posthoc_la")
+
+
+def _without_added(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k.split("/")[-1] not in ADDED_METRICS}
+
+
 def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    if path.suffix != ".jsonl":
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    text = "".join(json.dumps(_without_added(row)) + "\n" for row in rows)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def run_case(name: str, overrides: list[str], workdir: Path) -> dict:
@@ -117,8 +131,9 @@ def run_case(name: str, overrides: list[str], workdir: Path) -> dict:
         torch.set_num_threads(threads)
     ckpt = sorted((run_dir / "checkpoints").glob("ckpt_*.pt"))[-1]
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state["eval_history"] = _without_added(state["eval_history"])
     return {
-        "final": {k: repr(v) for k, v in sorted(summary["final"].items())},
+        "final": {k: repr(v) for k, v in sorted(_without_added(summary["final"]).items())},
         "files": {f: _file_digest(run_dir / f) for f in ("metrics.jsonl", "per_class.csv")},
         "checkpoint": {k: _digest(v) for k, v in sorted(state.items())
                        if k != "checksum"},  # derived from the rest
