@@ -170,3 +170,30 @@ def test_comparator_rows_are_generated_and_say_what_their_names_say():
             assert (a.threshold, a.lambda_u, a.rampup_ratio) == (0.95, 1.0, 0.4)
         if a.name == "fixmatch":
             assert a.uratio == 2 and a.dist_align == "none"
+
+
+# ----------------------------------------------------------------------------- refused
+@pytest.mark.parametrize("mode", ["loss", "posthoc"])
+@pytest.mark.parametrize("name", ["abc", "acr"])
+def test_abc_and_acr_refuse_logit_adjust(name, mode):
+    """ABC balances with its own classifier and ACR adjusts its own logits: LA is refused
+    (it used to be accepted and ignored)."""
+    with pytest.raises(UserError, match=f"algorithm={name}.*logit_adjust={mode}"):
+        build(mode, name=name)
+    assert build("none", name=name).cfg.logit_adjust == "none"
+
+
+def test_cli_refuses_acr_with_logit_adjust_exit_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "imbssl", "train", "dataset=digits_lt",
+                           "algorithm=acr", "algorithm.logit_adjust=posthoc",
+                           f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True,
+                          timeout=300, env=env, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "logit_adjust=posthoc" in lines[0]
+    assert not (tmp_path / "run").exists()
