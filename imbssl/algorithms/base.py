@@ -21,8 +21,10 @@ Hooks beyond ``step`` (no-op defaults; the trainer calls them without knowing th
     the trainer hands over the EMA model's predictions on the whole unlabeled set and gets
     back a ``LabeledSetUpdate`` (unlabeled images added to the labeled set with pseudo-labels,
     optionally restarting network, EMA and optimizer); it is checkpointed and logged per class.
-  * ``labeled_sampling``: how the labeled batch stream samples ("shuffle" epochs, or
-    "class_balanced": class uniformly, then an image of it).
+  * ``labeled_sampling``: how the labeled batch stream samples ("shuffle" epochs,
+    "class_balanced": class uniformly, then an image of it, or an object whose
+    ``make(dataset, batch_size, seed, device)`` builds the stream, e.g. cRT's class-aware one).
+  * ``eval_network(model, ema_model)``: the network evaluation measures (EMA by default).
   * ``init_from`` / ``configure_network(model)``: a checkpoint whose weights the run starts
     from, and which parameters train (a post-training phase such as classifier re-training).
 
@@ -199,6 +201,11 @@ class Algorithm(nn.Module):
         classifier's by default (post-hoc logit-adjusted with ``logit_adjust=posthoc``); a
         method may read another head or adjust them post hoc."""
         return self.posthoc_adjust(output.logits)
+
+    def eval_network(self, model: nn.Module, ema_model: nn.Module) -> nn.Module:
+        """The network evaluation measures: the EMA network by default; a method may name
+        the online one (official cRT evaluates ``self.model``)."""
+        return ema_model
 
     def eval_predictor(self, model: nn.Module):
         """``output -> logits`` that evaluation argmaxes for ``model``, the network evaluated

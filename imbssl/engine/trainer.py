@@ -141,12 +141,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
+def lr_factor(step: int, total: int, schedule: str, warmup: int,
+              milestones=(), gamma: float = 1.0) -> float:
     """Multiplier of the base learning rate at ``step``."""
     if warmup and step < warmup:
         return (step + 1) / warmup
     if schedule == "cosine":  # FixMatch: cos(7 pi k / (16 K))
         return math.cos(7.0 * math.pi * step / (16.0 * total))
+    if schedule == "multistep":  # official WarmupMultiStepLR: gamma ** bisect_right(steps, k)
+        return gamma ** sum(step >= m for m in milestones)
     return 1.0
 
 
@@ -360,7 +363,8 @@ class Trainer:
         phase_step, phase_total = self.algo.phase(step, self.tcfg.iterations)
         for group in self.optimizer.param_groups:
             group["lr"] = self.ocfg.lr * lr_factor(phase_step, phase_total,
-                                                   self.ocfg.schedule, self.ocfg.warmup_iters)
+                                                   self.ocfg.schedule, self.ocfg.warmup_iters,
+                                                   self.ocfg.milestones, self.ocfg.gamma)
         batch, y_ulb = self.next_batch()
         state = StepState(step, self.tcfg.iterations, self.forward_model, self.ema.model)
         with self.autocast():
@@ -695,12 +699,14 @@ class Trainer:
 
     # ----------------------------------------------------------------- evaluation
     def _measure(self, split: str, tset) -> dict:
-        """EMA model on ``tset``: each process counts its shard of the images, summed."""
+        """The evaluated network (``algo.eval_network``: EMA by default) on ``tset``: each
+        process counts its shard of the images, summed."""
         part = ddp.shard(len(tset.images))
-        conf = confusion_matrix(self.ema.model, tset.images[part], tset.labels[part],
+        net = self.algo.eval_network(self.model, self.ema.model)
+        conf = confusion_matrix(net, tset.images[part], tset.labels[part],
                                 lambda x: self._prepare(self.data.augmenter.normalize(x)),
                                 self.data.num_classes, self.tcfg.eval_batch_size,
-                                self.autocast, predict=self.algo.eval_predictor(self.ema.model))
+                                self.autocast, predict=self.algo.eval_predictor(net))
         conf = ddp.all_reduce_sum(conf).cpu().numpy()
         metrics = confusion_to_metrics(conf)
         return {"step": self.step_count, "split": split, "top1": float(metrics["top1"]),
