@@ -25,6 +25,8 @@ Hooks beyond ``step`` (no-op defaults; the trainer calls them without knowing th
     "class_balanced": class uniformly, then an image of it, or an object whose
     ``make(dataset, batch_size, seed, device)`` builds the stream, e.g. cRT's class-aware one).
   * ``eval_network(model, ema_model)``: the network evaluation measures (EMA by default).
+  * ``observe_evaluation(soft_predictions)``: after each evaluation, that network's softmax
+    on a split, on demand (DARP's estimation run).
   * ``init_from`` / ``configure_network(model)``: a checkpoint whose weights the run starts
     from, and which parameters train (a post-training phase such as classifier re-training).
 
@@ -229,6 +231,12 @@ class Algorithm(nn.Module):
         """The trainer's (true, predicted) counts on the validation set after each
         evaluation; passed to the refiner (DARP's estimate of the unlabeled distribution)."""
         self.refiner.observe_validation(confusion)
+
+    def observe_evaluation(self, soft_predictions) -> None:
+        """After each evaluation: ``soft_predictions(split)`` gives ``(probs, labels)`` of the
+        evaluated network (``eval_network``, softmax of ``eval_predictor``) on the split
+        "test", "valid" or "unlabeled" (None when the run has no such split); computed only
+        when called. No-op by default (DARP's estimation run reads it)."""
 
     def probe_ctaugment(self, batch: Batch, state: StepState) -> dict[str, Tensor]:
         """With CTAugment (``self.ctaugment``): score labeled probes with the EMA model (one

@@ -641,6 +641,27 @@ class Trainer:
         model.train(was_training)
         return torch.cat(out)
 
+    @torch.no_grad()
+    def soft_predictions(self, split: str) -> tuple[Tensor, Tensor] | None:
+        """(softmax, labels) of the evaluated network (``algo.eval_network``, eval mode,
+        ``eval_predictor``) on the unaugmented ``split`` ("test", "valid", "unlabeled");
+        None when the run has no such split. Every process computes all of it."""
+        tset = {"test": self.data.test, "valid": self.data.valid,
+                "unlabeled": self.data.unlabeled}[split]
+        if tset is None:
+            return None
+        model = self.algo.eval_network(self.model, self.ema.model)
+        predict, was_training = self.algo.eval_predictor(model), model.training
+        model.eval()
+        out = []
+        for start in range(0, len(tset.images), self.tcfg.eval_batch_size):
+            x = self._prepare(self.data.augmenter.normalize(
+                tset.images[start:start + self.tcfg.eval_batch_size]))
+            with self.autocast():
+                out.append(torch.softmax(predict(model(x)).float(), dim=-1))
+        model.train(was_training)
+        return torch.cat(out), tset.labels
+
     def update_labeled_set(self) -> None:
         """Ask the algorithm for its new labeled set, switch the labeled stream to it (and
         restart network, EMA and optimizer if asked); log the additions per class."""
@@ -739,6 +760,7 @@ class Trainer:
             self._append_metrics({"step": step, "split": "pseudo", **self.tracker.last_summary})
         if self.log is not None:  # DASO's m_hat and blend weights v per class
             self.log.append_per_class(refiner_rows(step, self.algo.refiner, names))
+        self.algo.observe_evaluation(self.soft_predictions)  # e.g. DARP's estimation run
         self._last_test = results["test"]
         self._last_eval_step = step
         self._write_summary(self.summary("running"))

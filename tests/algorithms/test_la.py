@@ -119,6 +119,7 @@ def expected_comparator_rows() -> set[str]:
         "supervised", "supervised_la", "fixmatch_darp", "fixmatch_la", "fixmatch_la_darp",
         "fixmatch_la_daso")}
     rows |= {f"{s}_fixmatch_darp" for s in mismatched + stl}  # Table 2
+    rows |= {f"{s}_darp_estim" for s in mismatched + stl}  # its estimation runs (stage 1)
     rows |= {f"{s}_meanteacher{d}" for d in ("", "_daso") for s in (  # Table 3
         "cifar10_lt_g100_n1500", "cifar10_lt_g100_n1500_uniform", "cifar100_lt_g10_n150",
         "stl10_lt_g10_n450")}
@@ -162,8 +163,15 @@ def test_comparator_rows_are_generated_and_say_what_their_names_say():
         matched = d.name != "stl10" and d.gamma_l == d.gamma_u and not d.reverse_unlabeled
         if name.endswith("_darp"):
             assert p.name == "darp" and (p.warmup_ratio, p.per_iters, p.alpha) == (0.4, 10, 2.0)
-            assert p.target == ("labeled" if matched else "estimate")
-            assert matched or d.num_valid_per_class > 0
+            assert p.target == ("labeled" if matched else "file")
+            if not matched:  # stage 2 loads the estimation row's estimate (same seed)
+                setting = name.rsplit("_", 2)[0]
+                assert p.estimate_file == (f"runs/{setting}_darp_estim-seed0/"
+                                           "darp_estim.npyz"), name
+                assert f"{setting}_darp_estim" in names
+        elif name.endswith("_darp_estim"):  # stage 1: labeled only, writes the estimate
+            assert a.name == "darp_estim" and p.name == "none" and d.num_valid_per_class > 0
+            assert a.estimate_file == f"runs/{name}-seed0/darp_estim.npyz"
         elif name.endswith("_daso"):
             assert p.name == "daso"
             assert p.dist_temperature == (1.5 if matched and d.name == "cifar10" else 0.3)
