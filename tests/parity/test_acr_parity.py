@@ -1,5 +1,6 @@
 """Parity with the official ACR code (github.com/Gank0078/ACR, train.py at commit
-9a8f421ef7508c1e1e13cbae4ca36d442d89e322): the adaptive tau over a simulated epoch sequence.
+9a8f421ef7508c1e1e13cbae4ca36d442d89e322): the adaptive tau over a simulated epoch sequence,
+and one training step's four losses (below).
 
 Reference values: the official estimator lines of ``train.py`` (the epoch-start block
 ``if epoch > args.est_epoch: ... tau = args.taumin + (args.taumax - args.taumin) * KL_softmax``
@@ -83,3 +84,60 @@ def test_marks_are_one_per_class_not_counts():
     official[preds] += conf.float()  # the official statement itself (CPU)
     assert class_marks(preds, conf, 4).tolist() == official.tolist()
     assert class_marks(preds[:0], conf[:0], 4).tolist() == [0.0] * 4
+
+
+#: official train.py lines 512-577 (labeled losses of both heads, the adjusted / raw / balanced
+#: pseudo-labels and masks, Lu, Lu_b, their sum), executed once, unmodified, on the logits
+#: ``step_inputs`` draws (K 4, batch 8, mu 2, labeled counts (40, 20, 10, 5), tau12 = tau2 = 2,
+#: T 1, threshold 0.95), with the adaptive tau (``args.adjustment_l1``) at 2.0 and at 0.7;
+#: shims: ``.cuda()`` returns the tensor, ``de_interleave`` is the identity (the logits are given
+#: in batch order).
+STEP_REFERENCE = {"2.0": {"Lx": 1.7663085460662842, "Lx_b": 3.8843278884887695, "Lu": 0.751875102519989, "Lu_b": 1.9257221221923828, "loss": 8.32823371887207}, "0.7": {"Lx": 1.7663085460662842, "Lx_b": 3.8843278884887695, "Lu": 0.25924697518348694, "Lu_b": 1.9257221221923828, "loss": 7.835605621337891}}
+
+
+def step_inputs():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(8 + 3 * 2 * 8, 4, generator=g) * 3
+    logits_b = torch.randn(8 + 3 * 2 * 8, 4, generator=g) * 3
+    return logits, logits_b, torch.randint(0, 4, (8,), generator=g)
+
+
+@pytest.mark.parametrize("tau", ["2.0", "0.7"])
+def test_step_losses_equal_official(tau):
+    from torch import nn
+
+    from imbssl.algorithms import Batch, StepState
+    from imbssl.algorithms.acr import BALANCED_HEAD
+    from imbssl.models.base import ModelOutput
+
+    logits, logits_b, y = step_inputs()
+
+    class Fixed(nn.Module):
+        def __init__(self, out):
+            super().__init__()
+            self.out = out
+
+        def forward(self, x):
+            return self.out
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = nn.ModuleDict({BALANCED_HEAD: Fixed(logits_b)})
+
+        def forward(self, x):
+            return ModelOutput(logits, torch.zeros(len(x), 1))
+
+    counts = (40, 20, 10, 5)
+    labels = torch.cat([torch.full((n,), k) for k, n in enumerate(counts)])
+    algo = ACR(ACRConfig(uratio=2), 4, 1, labels)
+    algo.tau.fill_(float(tau))
+    z = torch.zeros(16, 1)
+    batch = Batch(x_lb=torch.zeros(8, 1), y_lb=y, idx_lb=torch.arange(8), x_ulb=[z, z, z],
+                  idx_ulb=torch.arange(16))
+    loss, logs = algo.step(batch, StepState(0, 100000, Net(), Net()))
+    want = STEP_REFERENCE[tau]
+    for mine, theirs in (("loss/labeled", "Lx"), ("loss/balanced_labeled", "Lx_b"),
+                         ("loss/unlabeled", "Lu"), ("loss/balanced_unlabeled", "Lu_b")):
+        assert float(logs[mine]) == pytest.approx(want[theirs], abs=1e-5), mine
+    assert float(loss.detach()) == pytest.approx(want["loss"], abs=1e-5)
