@@ -177,15 +177,17 @@ def records_from_runs(dirs: list[Path], rows: dict[str, Row]) -> list[dict]:
     return records
 
 
-def merge_kept(records: list[dict], kept_path: Path | None, rows: dict[str, Row]) -> list[dict]:
+def merge_kept(records: list[dict], kept_path: Path | None, rows: dict[str, Row],
+               drop: tuple[str, ...] = ()) -> list[dict]:
     """``records`` plus the kept records (an earlier ``*_runs.json``) of trained rows that
-    still exist, for the (row, seed) pairs ``records`` lacks."""
+    still exist, for the (row, seed) pairs ``records`` lacks; rows in ``drop`` (their method
+    changed since) keep none."""
     if kept_path is None or not Path(kept_path).is_file():
         return records
     have = {(r["method"], r["seed"]) for r in records}
     kept = [r for r in json.loads(Path(kept_path).read_text())
             if r["method"] in rows and rows[r["method"]].reads is None
-            and (r["method"], r["seed"]) not in have]
+            and r["method"] not in drop and (r["method"], r["seed"]) not in have]
     return records + kept
 
 
@@ -300,6 +302,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--keep-records", type=Path, default=None, metavar="JSON",
                    help="an earlier *_runs.json: its records fill the (row, seed) pairs "
                         "without a run folder (re-train the rows whose method changed)")
+    p.add_argument("--drop-kept", nargs="*", default=[], metavar="ROW",
+                   help="rows whose kept records are stale (their method changed): none kept")
     return p.parse_args(argv)
 
 
@@ -331,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                     finished += 1
                     bench._progress(rec, finished, total, start)
     records = merge_kept(records_from_runs(args.from_runs or [args.out_runs], all_rows),
-                         args.keep_records, all_rows)
+                         args.keep_records, all_rows, tuple(args.drop_kept))
     if not records:
         print("no finished run folders", file=sys.stderr)
         return 1

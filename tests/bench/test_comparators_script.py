@@ -123,3 +123,5 @@ def test_kept_records_fill_only_missing_pairs_of_trained_rows(tmp_path):
     merged = cmp.merge_kept([{"method": "a", "seed": 0, "v": "new"}], kept, rows)
     assert sorted((r["method"], r["seed"], r["v"]) for r in merged) == [
         ("a", 0, "new"), ("a", 1, "old")]
+    merged = cmp.merge_kept([{"method": "a", "seed": 0, "v": "new"}], kept, rows, drop=("a",))
+    assert [(r["method"], r["seed"]) for r in merged] == [("a", 0)]
