@@ -110,6 +110,8 @@ class Algorithm(nn.Module):
     unlabeled_views: ClassVar[tuple[str, ...]] = ()
     #: labeled batch sampling: "shuffle" (epochs) | "class_balanced" (class, then image)
     labeled_sampling: ClassVar[str] = "shuffle"
+    #: whether the method reads the validation set (the trainer refuses a run without one)
+    needs_validation: ClassVar[bool] = False
 
     def __init__(self, cfg: AlgorithmConfig, num_classes: int, feat_dim: int,
                  labeled_labels: Tensor, refiner: nn.Module | None = None):

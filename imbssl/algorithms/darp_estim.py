@@ -73,6 +73,7 @@ class DARPEstim(Supervised):
     evaluation and writes the mean of the accepted estimates."""
 
     Config = DARPEstimConfig
+    needs_validation = True  # official PER_CLASS_VALID_SAMPLES: the estimate's confusion
 
     def __init__(self, cfg: DARPEstimConfig, num_classes: int, feat_dim: int,
                  labeled_labels: Tensor, refiner=None):
@@ -91,9 +92,8 @@ class DARPEstim(Supervised):
 
     def observe_evaluation(self, soft_predictions) -> None:
         valid = soft_predictions("valid")
-        if valid is None:
-            raise UserError("algorithm=darp_estim estimates on the validation set; set "
-                            "dataset.num_valid_per_class (official PER_CLASS_VALID_SAMPLES 10)")
+        if valid is None:  # the trainer refuses such a run (needs_validation)
+            return
         unlabeled, _ = soft_predictions("unlabeled")
         q, cond = estimate_unlabeled_counts(valid[0], valid[1], unlabeled)
         if accepted(q, cond, self.cfg.thresh_cond):

@@ -260,6 +260,9 @@ class Trainer:
         except ValueError as exc:  # constructors validate their config values
             raise UserError(f"algorithm={algo_cfg.name} pseudo="
                             f"{getattr(pseudo_cfg, 'name', 'none')}: {exc}") from None
+        if self.algo.needs_validation and self.data.valid is None:
+            raise UserError(f"algorithm={algo_cfg.name} needs a validation set; set "
+                            "dataset.num_valid_per_class")
         if self.algo.init_from:
             self._load_init_weights(self.algo.init_from)
         self.algo.configure_network(self.model)

@@ -206,6 +206,14 @@ def test_official_npyz_estimates_load_and_scale(tmp_path):
         load_estimate(str(path), 5, 80)
 
 
+def test_estimation_run_without_validation_set_exits_2(tmp_path):
+    from imbssl.cli import main
+
+    assert main(["train", *_tiny_runs().TINY, f"run_dir={tmp_path / 'r'}",
+                 "algorithm=darp_estim", "pseudo=none"]) == 2
+    assert not (tmp_path / "r").exists()
+
+
 def test_stage_two_without_the_estimate_file_exits_2(tmp_path):
     from imbssl.cli import main
 
