@@ -225,7 +225,7 @@ def table(records: list[dict], rows: dict[str, Row]) -> str:
     return "\n".join(lines)
 
 
-def report(records: list[dict], rows: dict[str, Row], argv: list[str]) -> str:
+def report(records: list[dict], rows: dict[str, Row], argv: list[str], note: str = "") -> str:
     r0 = records[0]
     t = r0["trainer"]
     commits = sorted({r["commit"] for r in records})
@@ -252,14 +252,15 @@ CIFAR-10-LT with WRN-28-2 and 250k iterations, for orientation only; "–" where
 no such row.
 
 {table(records, rows)}
-
+{chr(10) + note + chr(10) if note else ""}
 Each row's overrides (beyond the digits-LT budget of `analysis/benchmark_digits.py`):
 
 {overrides}
 """
 
 
-def write(out: Path, records: list[dict], rows: dict[str, Row], argv: list[str]) -> Path:
+def write(out: Path, records: list[dict], rows: dict[str, Row], argv: list[str],
+          note: str = "") -> Path:
     order = {label: i for i, label in enumerate(rows)}
     records.sort(key=lambda r: (order[r["method"]], r["seed"]))
     out.mkdir(parents=True, exist_ok=True)
@@ -270,7 +271,7 @@ def write(out: Path, records: list[dict], rows: dict[str, Row], argv: list[str])
                                          for c in cols) for r in records]
     (out / f"{NAME}_runs.csv").write_text("\n".join(lines) + "\n")
     md = out / f"{NAME}.md"
-    md.write_text(report(records, rows, argv))
+    md.write_text(report(records, rows, argv, note))
     return md
 
 
@@ -302,6 +303,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--keep-records", type=Path, default=None, metavar="JSON",
                    help="an earlier *_runs.json: its records fill the (row, seed) pairs "
                         "without a run folder (re-train the rows whose method changed)")
+    p.add_argument("--note", default="", help="a paragraph printed under the table")
     p.add_argument("--drop-kept", nargs="*", default=[], metavar="ROW",
                    help="rows whose kept records are stale (their method changed): none kept")
     return p.parse_args(argv)
@@ -339,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         print("no finished run folders", file=sys.stderr)
         return 1
-    print(f"wrote {write(args.out, records, all_rows, argv)}")
+    shown = [a for i, a in enumerate(argv) if a != "--note" and (i == 0 or argv[i - 1] != "--note")]
+    shown += ["--note", "..."] if args.note else []
+    print(f"wrote {write(args.out, records, all_rows, shown, args.note)}")
     return 0
 
 
