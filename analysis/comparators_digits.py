@@ -5,14 +5,23 @@ several seeds, each row beside the DASO paper's reported CIFAR-10-LT value for o
     python analysis/comparators_digits.py --rows fixmatch fixmatch+la --seeds 0   # a subset
     python analysis/comparators_digits.py --from-runs DIR # table only, from the run folders
     python analysis/comparators_digits.py --list          # the rows and their overrides
+    python analysis/comparators_digits.py --rows acr acr+daso --keep-records analysis/results/comparators_digits_runs.json
+                                  # re-train only these rows; the others from the kept records
 
 Every row trains through the real ``Trainer`` (``analysis/benchmark_digits.py``'s ``run_one``)
 at the digits-LT budget of that script; a row is ``algorithm=...`` plus its overrides
 (``ROWS``). Finished ``<row>-seed<k>`` folders in ``--out-runs`` are kept, so a stopped
 batch continues. A row that starts from another row's finished run (cRT) names it in
 ``after`` and runs once that run is finished. The table is computed from the run folders
-alone (summary.json, meta.json, per_class.csv). Outputs in ``--out`` (default
-analysis/results): ``comparators_digits.md`` and ``comparators_digits_runs.{csv,json}``.
+alone (summary.json, meta.json, per_class.csv), plus, with ``--keep-records``, the records
+of an earlier table for the (row, seed) pairs that have no run folder (rows whose method
+changed must be re-trained: their old records would otherwise stay). Outputs in ``--out``
+(default analysis/results): ``comparators_digits.md`` and ``comparators_digits_runs.{csv,json}``.
+
+LA (inf) rows train nothing: as in the official code (``base_algorithm.py`` ``top1_la``), the
+post-hoc logit-adjusted accuracy is a metric every run logs (``test/balanced_acc_posthoc_la``
+in summary.json's final and median blocks); a row with ``reads`` takes it from the finished
+runs of that base row (same seeds). Its tail recall is not logged per class: "–".
 """
 from __future__ import annotations
 
@@ -41,6 +50,8 @@ class Row:
     paper: tuple[str, float] | None = None
     #: a row whose finished run (same seed) this row starts from (``{after}`` in overrides)
     after: str | None = None
+    #: a row whose runs this row is read from (their post-hoc LA metric): trains nothing
+    reads: str | None = None
     notes: tuple[str, ...] = field(default=())
 
 
@@ -58,22 +69,26 @@ def _daso(*extra: str) -> tuple[str, ...]:
 LA = "algorithm.logit_adjust=loss"
 ABC = ("algorithm=abc", "algorithm.epoch_iters=2")
 ACR = ("algorithm=acr", "algorithm.epoch_iters=20")
+#: the official supervised solver (configs/cifar10/supervised.yaml, optim=sgd_multistep: lr 0.1,
+#: x0.01 at 199999 and 225000 of 250k, 6250 warm-up steps), scaled to the run's length
+SUPERVISED_SOLVER = ("optim=sgd_multistep", "optim.milestones={milestones}",
+                     "optim.warmup_iters={warmup}")
 CREST = ("algorithm.generations=3",)
 #: ReMixMatch as CReST's learner, with ReMixMatch's own mu and lambda_u (official remixmatch_crest.yaml)
 REMIXMATCH_IN_CREST = ("algorithm.base=remixmatch", "algorithm.uratio=1", "algorithm.lambda_u=1.5")
 ROWS: list[Row] = [
-    Row("supervised", ("algorithm=supervised", "pseudo=none"), ("Table 1, N1 500", 47.3)),
-    Row("supervised+la", ("algorithm=supervised", "pseudo=none", LA), ("Table 1, N1 500", 53.3)),
+    Row("supervised", ("algorithm=supervised", "pseudo=none", *SUPERVISED_SOLVER),
+        ("Table 1, N1 500", 47.3)),
+    Row("supervised+la", ("algorithm=supervised", "pseudo=none", LA, *SUPERVISED_SOLVER),
+        ("Table 1, N1 500", 53.3)),
     Row("supervised+crt", ("algorithm=crt", "pseudo=none", "algorithm.init_from={after}"),
         ("Table 11, N1 500", 49.5), after="supervised"),
     Row("fixmatch", ("algorithm=fixmatch", "pseudo=none"), ("Table 1, N1 500", 67.8)),
     Row("fixmatch+daso", ("algorithm=fixmatch", *_daso()), ("Table 1, N1 500", 76.0)),
     Row("fixmatch+la", ("algorithm=fixmatch", "pseudo=none", LA), ("Table 1, N1 500", 75.3)),
     Row("fixmatch+la+daso", ("algorithm=fixmatch", LA, *_daso()), ("Table 1, N1 500", 77.9)),
-    Row("fixmatch+lainf", ("algorithm=fixmatch", "pseudo=none", "algorithm.logit_adjust=posthoc"),
-        ("Table 14, N1 1500", 82.8)),
-    Row("fixmatch+lainf+daso", ("algorithm=fixmatch", "algorithm.logit_adjust=posthoc",
-                                *_daso()), ("Table 14, N1 1500", 84.5)),
+    Row("fixmatch+lainf", (), ("Table 14, N1 1500", 82.8), reads="fixmatch"),
+    Row("fixmatch+lainf+daso", (), ("Table 14, N1 1500", 84.5), reads="fixmatch+daso"),
     Row("fixmatch+darp", ("algorithm=fixmatch", "pseudo=darp"), ("Table 1, N1 500", 74.5)),
     Row("fixmatch+la+darp", ("algorithm=fixmatch", "pseudo=darp", LA), ("Table 1, N1 500", 76.6)),
     Row("fixmatch+crest", ("algorithm=crest", "pseudo=none", *CREST), ("Table 11, N1 500", 73.4)),
@@ -122,19 +137,71 @@ def job_overrides(args, row: Row, seed: int) -> list[str]:
     # a row another row starts from (cRT) keeps its final checkpoint
     keep = [f"trainer.checkpoint_interval={args.iterations}"] if any(
         r.after == row.label for r in ROWS) else []
+    # official supervised.yaml: STEPS (199999, 225000), WARMUP_ITERS 6250 of MAX_ITER 250000
+    scaled = {"{after}": after, "{warmup}": str(6250 * args.iterations // 250000),
+              "{milestones}": "[{},{}]".format(*(m * args.iterations // 250000
+                                                  for m in (199999, 225000)))}
+
+    def fill(override: str) -> str:
+        for key, value in scaled.items():
+            override = override.replace(key, value)
+        return override
+
     return [*bench.common_overrides(args), f"seed={seed}",
             f"run_dir={run_dir_of(args.out_runs, row.label, seed)}", *keep,
-            *[o.replace("{after}", after) for o in row.overrides]]
+            *[fill(o) for o in row.overrides]]
+
+
+POSTHOC = "test/balanced_acc_posthoc_la"  # the post-hoc LA metric every run logs
+
+
+def posthoc_record(base: dict, label: str) -> dict | None:
+    """The LA (inf) record of row ``label`` from its base row's record (None when the base run
+    did not log the post-hoc metric)."""
+    summary_path = Path(base["run_dir"]) / "summary.json"
+    if not summary_path.is_file():
+        return None
+    summary = json.loads(summary_path.read_text())
+    n = int(summary.get("summary_last", base["summary_last"]))
+    median = summary.get(f"median_last{n}", {}).get(POSTHOC)
+    final = summary.get("final", {}).get(POSTHOC)
+    if median is None or final is None:
+        return None
+    return {**base, "method": label, "bal_acc_median": median, "bal_acc_final": final,
+            "tail_recall_median": float("nan"), "tail_recall_final": float("nan"),
+            "read_from": base["method"]}
 
 
 def records_from_runs(dirs: list[Path], rows: dict[str, Row]) -> list[dict]:
-    """Finished ``<row>-seed<k>`` run folders under ``dirs``: one record per (row, seed)."""
-    return bench.records_from_runs(dirs, rows)
+    """Finished ``<row>-seed<k>`` run folders under ``dirs``: one record per (row, seed);
+    rows that ``read`` another row's runs get a record per base run that logged the metric."""
+    trained = {label: row for label, row in rows.items() if row.reads is None}
+    records = bench.records_from_runs(dirs, trained)
+    for label, row in rows.items():
+        if row.reads is not None:
+            derived = (posthoc_record(r, label) for r in records if r["method"] == row.reads)
+            records += [r for r in derived if r is not None]
+    return records
+
+
+def merge_kept(records: list[dict], kept_path: Path | None, rows: dict[str, Row],
+               drop: tuple[str, ...] = ()) -> list[dict]:
+    """``records`` plus the kept records (an earlier ``*_runs.json``) of trained rows that
+    still exist, for the (row, seed) pairs ``records`` lacks; rows in ``drop`` (their method
+    changed since) keep none."""
+    if kept_path is None or not Path(kept_path).is_file():
+        return records
+    have = {(r["method"], r["seed"]) for r in records}
+    kept = [r for r in json.loads(Path(kept_path).read_text())
+            if r["method"] in rows and rows[r["method"]].reads is None
+            and r["method"] not in drop and (r["method"], r["seed"]) not in have]
+    return records + kept
 
 
 # ----------------------------------------------------------------------------- table
 def cell(values: list[float]) -> str:
     """Mean ± sample std over seeds, in %; '–' for the spread of a single seed."""
+    values = [v for v in values if v == v]  # NaN: not logged (LA (inf) tail recall)
     if not values:
         return "–"
     pct = [100.0 * v for v in values]
@@ -165,13 +232,16 @@ def table(records: list[dict], rows: dict[str, Row]) -> str:
     return "\n".join(lines)
 
 
-def report(records: list[dict], rows: dict[str, Row], argv: list[str]) -> str:
+def report(records: list[dict], rows: dict[str, Row], argv: list[str], note: str = "") -> str:
     r0 = records[0]
     t = r0["trainer"]
     commits = sorted({r["commit"] for r in records})
-    overrides = "\n".join(f"- `{label}`: `{' '.join(row.overrides)}`"
-                          + (f" (starts from the finished `{row.after}` run of the same seed)"
-                             if row.after else "") for label, row in rows.items())
+    overrides = "\n".join(
+        f"- `{label}`: "
+        + (f"no run of its own: `{POSTHOC}` of the `{row.reads}` runs (the post-hoc LA metric "
+           "every run logs)" if row.reads else f"`{' '.join(row.overrides)}`")
+        + (f" (starts from the finished `{row.after}` run of the same seed)" if row.after else "")
+        for label, row in rows.items())
     return f"""# Comparators of the DASO paper's tables on digits-LT (issue 19)
 
 Generated by `python analysis/comparators_digits.py {' '.join(argv)}` from {len(records)}
@@ -189,14 +259,15 @@ CIFAR-10-LT with WRN-28-2 and 250k iterations, for orientation only; "–" where
 no such row.
 
 {table(records, rows)}
-
+{chr(10) + note + chr(10) if note else ""}
 Each row's overrides (beyond the digits-LT budget of `analysis/benchmark_digits.py`):
 
 {overrides}
 """
 
 
-def write(out: Path, records: list[dict], rows: dict[str, Row], argv: list[str]) -> Path:
+def write(out: Path, records: list[dict], rows: dict[str, Row], argv: list[str],
+          note: str = "") -> Path:
     order = {label: i for i, label in enumerate(rows)}
     records.sort(key=lambda r: (order[r["method"]], r["seed"]))
     out.mkdir(parents=True, exist_ok=True)
@@ -207,7 +278,7 @@ def write(out: Path, records: list[dict], rows: dict[str, Row], argv: list[str])
                                          for c in cols) for r in records]
     (out / f"{NAME}_runs.csv").write_text("\n".join(lines) + "\n")
     md = out / f"{NAME}.md"
-    md.write_text(report(records, rows, argv))
+    md.write_text(report(records, rows, argv, note))
     return md
 
 
@@ -218,7 +289,7 @@ def pending_jobs(args, rows: dict[str, Row], done: set[tuple[str, int]]) -> list
     waves: list[list] = [[], []]
     for seed in args.seeds:
         for label, row in rows.items():
-            if (label, seed) in done:
+            if (label, seed) in done or row.reads is not None:
                 continue
             job = (label, seed, job_overrides(args, row, seed), args.threads)
             waves[1 if row.after else 0].append(job)
@@ -236,22 +307,30 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--from-runs", nargs="+", type=Path, default=None, metavar="DIR",
                    help="train nothing: the table from the finished run folders in DIR")
     p.add_argument("--list", action="store_true", help="print the rows and their overrides")
+    p.add_argument("--keep-records", type=Path, default=None, metavar="JSON",
+                   help="an earlier *_runs.json: its records fill the (row, seed) pairs "
+                        "without a run folder (re-train the rows whose method changed)")
+    p.add_argument("--note", default="", help="a paragraph printed under the table")
+    p.add_argument("--drop-kept", nargs="*", default=[], metavar="ROW",
+                   help="rows whose kept records are stale (their method changed): none kept")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    rows = rows_by_label()
+    all_rows = rows = rows_by_label()
     if args.rows:
         unknown = sorted(set(args.rows) - set(rows))
         if unknown:
             raise SystemExit(f"error: unknown rows {unknown}; see --list")
         needed = set(args.rows) | {rows[r].after for r in args.rows if rows[r].after}
+        needed |= {rows[r].reads for r in args.rows if rows[r].reads}
         rows = {label: row for label, row in rows.items() if label in needed}
     if args.list:
         for label, row in rows.items():
-            print(f"{label:28s} {' '.join(row.overrides)}")
+            what = f"(reads {POSTHOC} of {row.reads})" if row.reads else " ".join(row.overrides)
+            print(f"{label:28s} {what}")
         return 0
     if args.from_runs is None:
         done = {(r["method"], r["seed"]) for r in records_from_runs([args.out_runs], rows)}
@@ -264,11 +343,14 @@ def main(argv: list[str] | None = None) -> int:
                 for rec in pool.imap_unordered(bench.run_one, wave):
                     finished += 1
                     bench._progress(rec, finished, total, start)
-    records = records_from_runs(args.from_runs or [args.out_runs], rows)
+    records = merge_kept(records_from_runs(args.from_runs or [args.out_runs], all_rows),
+                         args.keep_records, all_rows, tuple(args.drop_kept))
     if not records:
         print("no finished run folders", file=sys.stderr)
         return 1
-    print(f"wrote {write(args.out, records, rows, argv)}")
+    shown = [a for i, a in enumerate(argv) if a != "--note" and (i == 0 or argv[i - 1] != "--note")]
+    shown += ["--note", "..."] if args.note else []
+    print(f"wrote {write(args.out, records, all_rows, shown, args.note)}")
     return 0
 
 

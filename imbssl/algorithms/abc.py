@@ -14,7 +14,8 @@ FixMatch classifier:
   ``E``; ABC Sec. 3.3; official ``1 - (epoch / 500) * (1 - bal_param)``, 500 iterations an
   epoch);
 * the FixMatch loss of the main classifier is unchanged; the total is the plain sum;
-* evaluation argmaxes the ABC head (``abc_model.py``: ``forward`` with ``is_train=False``).
+* evaluation argmaxes the ABC head (``abc_model.py``: ``forward`` with ``is_train=False``);
+* logit adjustment (``algorithm.logit_adjust``) is refused (official ``fm_abc.py`` has none).
 
 With ``pseudo=daso`` (official ``daso_model.py`` with ABC on): the semantic pseudo-label of
 the shared weak features is blended into the main classifier's pseudo-label as in FixMatch +
@@ -39,6 +40,7 @@ from imbssl.algorithms import register
 from imbssl.algorithms.base import Batch, StepState, forward_all
 from imbssl.algorithms.fixmatch import FixMatch, FixMatchConfig, fixmatch_mask
 from imbssl.algorithms.ops import soft_cross_entropy
+from imbssl.errors import UserError
 from imbssl.pseudo.base import add_extra_loss, hard_labels
 
 ABC_HEAD = "abc"
@@ -90,6 +92,10 @@ class ABC(FixMatch):
 
     def __init__(self, cfg: ABCConfig, num_classes: int, feat_dim: int,
                  labeled_labels: Tensor, refiner=None):
+        if getattr(cfg, "logit_adjust", "none") != "none":
+            raise UserError(f"algorithm=abc balances with its own classifier; "
+                            f"algorithm.logit_adjust={cfg.logit_adjust} does not apply, set "
+                            "algorithm.logit_adjust=none")
         super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
         if cfg.epoch_iters < 1:
             raise ValueError(f"algorithm.epoch_iters must be >= 1, got {cfg.epoch_iters}")

@@ -28,11 +28,16 @@ result is not finite (official ``math.isnan`` check). Before the first update ``
 ``estimate_after_epochs``, which accumulates nothing, so it gives ``tau_max / 3`` (as
 official).
 
-Differs from the official code: the count ``c`` adds every confident prediction
-(``scatter_add``); the official ``now_mask[targets_u_b] += mask_b`` is an indexed assignment
-that keeps one value per class when a class repeats in the batch (a 0/1 indicator, not a
-count); the paper's estimate is the count. All estimator state (``u``, the KL sum, ``tau``)
-lives in buffers, so a checkpoint resumes exactly.
+As the official code, ``c`` is one mark per class and batch, not a count: the official
+``now_mask[targets_u_b] += mask_l * mask_b`` adds through a fancy index, which does not
+accumulate repeated indices, so class k gets the confidence (0/1) of *one* image predicted as
+k (the last one in the batch, as PyTorch writes repeated indices on the CPU; on the GPU the
+official write order is unspecified). ``class_marks`` computes exactly that, deterministically
+on every device. The paper (Sec. 3.3) describes the estimate as the distribution of the
+confident predictions; the official marks are what its numbers come from. All estimator
+state (``u``, the KL sum, ``tau``) lives in buffers, so a checkpoint resumes exactly.
+
+Logit adjustment (``algorithm.logit_adjust``) is refused: ACR adjusts its own logits.
 
 With ``pseudo=daso`` the standard head's adjusted target is refined (blended) before its
 confidence and label, the final labels are observed and the alignment loss uses strong view 1.
@@ -53,6 +58,7 @@ from imbssl.algorithms import register
 from imbssl.algorithms.abc import linear_head
 from imbssl.algorithms.base import Algorithm, AlgorithmConfig, Batch, StepState
 from imbssl.collectives import all_gather_cat
+from imbssl.errors import UserError
 from imbssl.pseudo.base import add_extra_loss, hard_labels
 
 BALANCED_HEAD = "balanced"
@@ -97,6 +103,17 @@ def adaptive_tau(mean_kl: Tensor, tau_min: float, tau_max: float) -> Tensor:
     return tau_min + (tau_max - tau_min) * torch.softmax(mean_kl, dim=0)[0]
 
 
+def class_marks(predictions: Tensor, confident: Tensor, num_classes: int) -> Tensor:
+    """(K,) official ``now_mask[predictions] += confident``: for every predicted class, the
+    confidence mark (0/1) of the *last* image of the batch predicted as it (the indexed add
+    does not accumulate repeated indices); 0 for classes nobody predicts."""
+    positions = torch.arange(len(predictions), device=predictions.device)
+    last = torch.full((num_classes,), -1, dtype=torch.long, device=predictions.device)
+    last.scatter_reduce_(0, predictions, positions, reduce="amax")
+    marks = confident.float()[last.clamp_min(0)] if len(predictions) else last.float()
+    return torch.where(last >= 0, marks, torch.zeros_like(marks))
+
+
 @register("acr")
 class ACR(Algorithm):
     """Dual-branch FixMatch with adaptive logit adjustment from the estimated unlabeled prior."""
@@ -106,6 +123,10 @@ class ACR(Algorithm):
 
     def __init__(self, cfg: ACRConfig, num_classes: int, feat_dim: int,
                  labeled_labels: Tensor, refiner=None):
+        if getattr(cfg, "logit_adjust", "none") != "none":
+            raise UserError(f"algorithm=acr adjusts its logits itself (adaptive tau); "
+                            f"algorithm.logit_adjust={cfg.logit_adjust} does not apply, set "
+                            "algorithm.logit_adjust=none")
         super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
         for key in ("tau_max", "tau_balanced_target", "tau_balanced_labeled",
                     "estimate_after_epochs"):
@@ -149,12 +170,13 @@ class ACR(Algorithm):
 
     @torch.no_grad()
     def update_estimate(self, predictions: Tensor, confident: Tensor) -> None:
-        """Move ``u_py`` towards the histogram of the confident balanced-head predictions and
-        add the anchor divergences of the new estimate; nothing when none is confident.
+        """Move ``u_py`` towards the normalised per-class marks of the balanced head's
+        predictions (``class_marks``, official ``now_mask``) and add the anchor divergences of
+        the new estimate; nothing when no mark is set.
         Under ``torch.distributed`` every rank's batch counts (a collective), so every rank
         keeps the same estimate and ``tau``."""
         predictions, confident = all_gather_cat(predictions), all_gather_cat(confident)
-        counts = torch.zeros_like(self.u_py).scatter_add_(0, predictions, confident.float())
+        counts = class_marks(predictions, confident, self.num_classes)
         total = counts.sum()
         m = self.cfg.estimate_momentum
         new = m * self.u_py + (1 - m) * counts / total.clamp_min(1.0)

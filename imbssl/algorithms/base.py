@@ -22,8 +22,12 @@ Hooks beyond ``step`` (no-op defaults; the trainer calls them without knowing th
     unlabeled set and gets
     back a ``LabeledSetUpdate`` (unlabeled images added to the labeled set with pseudo-labels,
     optionally restarting network, EMA and optimizer); it is checkpointed and logged per class.
-  * ``labeled_sampling``: how the labeled batch stream samples ("shuffle" epochs, or
-    "class_balanced": class uniformly, then an image of it).
+  * ``labeled_sampling``: how the labeled batch stream samples ("shuffle" epochs,
+    "class_balanced": class uniformly, then an image of it, or an object whose
+    ``make(dataset, batch_size, seed, device)`` builds the stream, e.g. cRT's class-aware one).
+  * ``eval_network(model, ema_model)``: the network evaluation measures (EMA by default).
+  * ``observe_evaluation(soft_predictions)``: after each evaluation, that network's softmax
+    on a split, on demand (DARP's estimation run).
   * ``init_from`` / ``configure_network(model)``: a checkpoint whose weights the run starts
     from, and which parameters train (a post-training phase such as classifier re-training).
   * ``eval_predictor(model)`` / ``label_predictor(model)``: the two named prediction roles,
@@ -109,6 +113,8 @@ class Algorithm(nn.Module):
     unlabeled_views: ClassVar[tuple[str, ...]] = ()
     #: labeled batch sampling: "shuffle" (epochs) | "class_balanced" (class, then image)
     labeled_sampling: ClassVar[str] = "shuffle"
+    #: whether the method reads the validation set (the trainer refuses a run without one)
+    needs_validation: ClassVar[bool] = False
 
     def __init__(self, cfg: AlgorithmConfig, num_classes: int, feat_dim: int,
                  labeled_labels: Tensor, refiner: nn.Module | None = None):
@@ -203,6 +209,11 @@ class Algorithm(nn.Module):
         method may read another head or adjust them post hoc."""
         return self.posthoc_adjust(output.logits)
 
+    def eval_network(self, model: nn.Module, ema_model: nn.Module) -> nn.Module:
+        """The network evaluation measures: the EMA network by default; a method may name
+        the online one (official cRT evaluates ``self.model``)."""
+        return ema_model
+
     def eval_predictor(self, model: nn.Module):
         """The prediction we *evaluate*: ``output -> logits`` that evaluation (test and
         validation accuracy, ``imbssl eval``) argmaxes for ``model``, the network evaluated
@@ -250,6 +261,12 @@ class Algorithm(nn.Module):
                 if state:
                     parts[module.diagnostics_kind] = state
         return parts
+
+    def observe_evaluation(self, soft_predictions) -> None:
+        """After each evaluation: ``soft_predictions(split)`` gives ``(probs, labels)`` of the
+        evaluated network (``eval_network``, softmax of ``eval_predictor``) on the split
+        "test", "valid" or "unlabeled" (None when the run has no such split); computed only
+        when called. No-op by default (DARP's estimation run reads it)."""
 
     def probe_ctaugment(self, batch: Batch, state: StepState) -> dict[str, Tensor]:
         """With CTAugment (``self.ctaugment``): score labeled probes with the EMA model (one

@@ -22,6 +22,12 @@ The learner of each generation is FixMatch (``algorithm.base=fixmatch``, officia
 same selection and restarts; ReMixMatch's own distribution alignment takes the tempered target
 (official ``dist_align(p, temperature=gradual_temp)``) and its consistency ramp-up restarts with
 each generation (official ``cons_rampup_func``: the step within the generation).
+
+With ``logit_adjust=loss`` the prior of LA's labeled loss is the *current* labeled set's class
+frequencies: after each generation's additions it is recomputed from the initial labeled set
+plus the pseudo-labeled images (official ``fm_crest.py`` ``run_step``: ``current_label_dist``
+of the rebuilt labeled set). Post-hoc adjustment and the alignment target keep the initial
+labeled distribution, as the official ``p_data`` does.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ import torch
 from torch import Tensor
 
 from imbssl.algorithms import register
-from imbssl.algorithms.base import Batch, LabeledSetUpdate, StepState
+from imbssl.algorithms.base import Batch, LabeledSetUpdate, StepState, logit_adjustment
 from imbssl.algorithms.fixmatch import FixMatch, FixMatchConfig
 from imbssl.algorithms.ops import linear_rampup
 from imbssl.algorithms.remixmatch import ReMixMatch, ReMixMatchConfig
@@ -94,6 +100,14 @@ def select_pseudo_labeled(probs: Tensor, rates: Tensor) -> tuple[Tensor, Tensor]
     return torch.cat(indices), torch.cat(labels)
 
 
+def labeled_set_prior(initial_counts: Tensor, added_labels: Tensor) -> Tensor:
+    """p(y) of the labeled set after an update: the initial counts plus the pseudo-labels of
+    the added images, normalised (official ``current_label_dist(normalize="sum")``)."""
+    counts = initial_counts.double() + torch.bincount(
+        added_labels.long().cpu(), minlength=len(initial_counts)).to(initial_counts.device)
+    return (counts / counts.sum()).float()
+
+
 def generation_bounds(step: int, total: int, generations: int) -> tuple[int, int, int]:
     """(0-based generation, its first step, its length) at ``step``; the last generation also
     takes the steps ``total`` does not divide evenly."""
@@ -136,6 +150,7 @@ class Generations:
         counts = torch.bincount(labeled_labels.long().cpu(), minlength=self.num_classes)
         self.register_buffer("selection_rate", selection_rates(counts, self.cfg.alpha),
                              persistent=False)
+        self.register_buffer("initial_labeled_counts", counts.float(), persistent=False)
 
     def phase(self, step: int, total: int) -> tuple[int, int]:
         _, start, length = generation_bounds(step, total, self.cfg.generations)
@@ -149,7 +164,16 @@ class Generations:
                            total: int) -> LabeledSetUpdate:
         rates = self.selection_rate.to(unlabeled_probs.device)
         indices, labels = select_pseudo_labeled(unlabeled_probs, rates)
+        self.follow_labeled_set(labels)
         return LabeledSetUpdate(indices, labels, restart=True)
+
+    def follow_labeled_set(self, added_labels: Tensor) -> None:
+        """LA's loss prior from the labeled set as it is now (official ``fm_crest.py``:
+        ``tau * current_label_dist().log()``); only ``logit_adjust=loss`` reads it."""
+        if getattr(self.cfg, "logit_adjust", "none") != "loss":
+            return
+        prior = labeled_set_prior(self.initial_labeled_counts, added_labels)
+        self.la_offset.copy_(logit_adjustment(prior.to(self.la_offset.device), self.cfg.la_tau))
 
     def step(self, batch: Batch, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
         gen, _, _ = generation_bounds(state.step, state.total_steps, self.cfg.generations)

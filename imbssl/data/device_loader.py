@@ -179,7 +179,10 @@ SAMPLINGS = {"shuffle": BatchStream, "class_balanced": ClassBalancedStream}
 
 def make_stream(dataset: TensorSet, batch_size: int, seed: int,
                 device: torch.device | str | None = None, sampling: str = "shuffle"):
-    """A batch stream of the named sampling: "shuffle" (epochs) or "class_balanced"."""
+    """A batch stream of the named sampling: "shuffle" (epochs) or "class_balanced", or the
+    stream ``sampling.make(dataset, batch_size, seed, device)`` builds."""
+    if not isinstance(sampling, str):
+        return sampling.make(dataset, batch_size, seed, device)
     if sampling not in SAMPLINGS:
         raise ValueError(f"labeled sampling must be one of {sorted(SAMPLINGS)}, got {sampling!r}")
     return SAMPLINGS[sampling](dataset, batch_size, seed, device)

@@ -30,9 +30,13 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = True
-    #: constant (DASO's protocol: APPLY_SCHEDULER=False) or cosine (FixMatch: cos(7*pi*k/16K))
+    #: constant (DASO's protocol: APPLY_SCHEDULER=False), cosine (FixMatch: cos(7*pi*k/16K))
+    #: or multistep (official DASO supervised.yaml: WarmupMultiStepLR)
     schedule: str = "constant"
     warmup_iters: int = 0
+    #: multistep: the lr is multiplied by ``gamma`` at each of these steps (official STEPS)
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1  # multistep decay factor (official SOLVER.GAMMA)
     #: which parameters weight decay applies to: all (official DASO lib/solver/build.py:
     #: model.parameters()) | no_bias_bn (FixMatch codebases: biases and batch norm exempt)
     decay_scope: str = "no_bias_bn"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 import torch
+from torch import Tensor
 
 from imbssl.diagnostics.metrics import (
     confusion_to_metrics,
@@ -42,12 +43,14 @@ class PeriodicWork:
         self._guarded("evaluation", self.evaluate)
 
     def _measure(self, split: str, tset) -> dict:
-        """EMA model on ``tset``: each process counts its shard of the images, summed."""
+        """The evaluated network (``algo.eval_network``: EMA by default) on ``tset``: each
+        process counts its shard of the images, summed."""
         part = ddp.shard(len(tset.images))
-        confs = measured_confusions(self.ema.model, tset.images[part], tset.labels[part],
+        net = self.algo.eval_network(self.model, self.ema.model)
+        confs = measured_confusions(net, tset.images[part], tset.labels[part],
                                     lambda x: self._prepare(self.data.augmenter.normalize(x)),
                                     self.data.num_classes, self.tcfg.eval_batch_size,
-                                    self.autocast, self.algo.eval_predictor(self.ema.model),
+                                    self.autocast, self.algo.eval_predictor(net),
                                     self.data.labeled.labels)
         confs = ddp.all_reduce_sum(confs).cpu().numpy()
         return {"step": self.step_count, "split": split, **evaluation_scores(confs),
@@ -80,10 +83,32 @@ class PeriodicWork:
         if self.log is not None:  # e.g. DASO's m_hat and blend weights v per class
             self.log.append_per_class(diagnostic_rows(step, self.algo.per_class_diagnostics(),
                                                       names))
+        self.algo.observe_evaluation(self.soft_predictions)  # e.g. DARP's estimation run
         self._last_test = results["test"]
         self._last_eval_step = step
         self._write_summary(self.summary("running"))
         return results
+
+    @torch.no_grad()
+    def soft_predictions(self, split: str) -> tuple[Tensor, Tensor] | None:
+        """(softmax, labels) of the evaluated network (``algo.eval_network``, eval mode,
+        ``eval_predictor``) on the unaugmented ``split`` ("test", "valid", "unlabeled");
+        None when the run has no such split. Every process computes all of it."""
+        tset = {"test": self.data.test, "valid": self.data.valid,
+                "unlabeled": self.data.unlabeled}[split]
+        if tset is None:
+            return None
+        model = self.algo.eval_network(self.model, self.ema.model)
+        predict, was_training = self.algo.eval_predictor(model), model.training
+        model.eval()
+        out = []
+        for start in range(0, len(tset.images), self.tcfg.eval_batch_size):
+            x = self._prepare(self.data.augmenter.normalize(
+                tset.images[start:start + self.tcfg.eval_batch_size]))
+            with self.autocast():
+                out.append(torch.softmax(predict(model(x)).float(), dim=-1))
+        model.train(was_training)
+        return torch.cat(out), tset.labels
 
     def summary(self, status: str, error: str | None = None) -> dict:
         out = {"status": status, "step": self.step_count,

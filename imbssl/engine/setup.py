@@ -27,12 +27,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
+def lr_factor(step: int, total: int, schedule: str, warmup: int,
+              milestones=(), gamma: float = 1.0) -> float:
     """Multiplier of the base learning rate at ``step``."""
     if warmup and step < warmup:
         return (step + 1) / warmup
     if schedule == "cosine":  # FixMatch: cos(7 pi k / (16 K))
         return math.cos(7.0 * math.pi * step / (16.0 * total))
+    if schedule == "multistep":  # official WarmupMultiStepLR: gamma ** bisect_right(steps, k)
+        return gamma ** sum(step >= m for m in milestones)
     return 1.0
 
 

@@ -162,6 +162,9 @@ class Trainer(RunState, PeriodicWork, DataPhases, ScalarLog, Stops):
         except ValueError as exc:  # constructors validate their config values
             raise UserError(f"algorithm={algo_cfg.name} pseudo="
                             f"{getattr(pseudo_cfg, 'name', 'none')}: {exc}") from None
+        if self.algo.needs_validation and self.data.valid is None:
+            raise UserError(f"algorithm={algo_cfg.name} needs a validation set; set "
+                            "dataset.num_valid_per_class")
         if self.algo.init_from:
             self._load_init_weights(self.algo.init_from)
         self.algo.configure_network(self.model)
@@ -321,7 +324,8 @@ class Trainer(RunState, PeriodicWork, DataPhases, ScalarLog, Stops):
         phase_step, phase_total = self.algo.phase(step, self.tcfg.iterations)
         for group in self.optimizer.param_groups:
             group["lr"] = self.ocfg.lr * lr_factor(phase_step, phase_total,
-                                                   self.ocfg.schedule, self.ocfg.warmup_iters)
+                                                   self.ocfg.schedule, self.ocfg.warmup_iters,
+                                                   self.ocfg.milestones, self.ocfg.gamma)
         batch, y_ulb = self.next_batch()
         state = StepState(step, self.tcfg.iterations, self.forward_model, self.ema.model)
         with self.autocast():

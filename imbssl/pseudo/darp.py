@@ -35,18 +35,25 @@ github.com/bbuing9/DARP; defaults ``lib/config/defaults.py`` ``ALGORITHM.DARP``)
   predictions on the unlabeled set, estimates with a negative entry or condition number
   >= ``THRESH_COND = 100`` rejected, the accepted ones averaged, scaled to the unlabeled size.
 
+Two stages for the mismatched settings, as the official code (``target=file``, the default of
+``pseudo=darp_estim``): a labeled-only estimation run (``algorithm=darp_estim``,
+imbssl/algorithms/darp_estim.py; official ``darp_estim.py``) writes the estimate, and the SSL
+run loads it by path (``pseudo.estimate_file``; official ``ALGORITHM.DARP.EST`` +
+``darp_reproduce.get_target_dist``). The file is NumPy's ``.npy`` format under any name, so
+the official published ``darp_estim/*.npyz`` files load as they are; the target is
+``N_u * q / sum(q)`` (official ``sum(ul_samples_per_class) * est_dist / np.sum(est_dist)``).
+
 Differences (docs/experiments.md, "DARP"):
 
 * ``target=labeled`` (default) scales the labeled class frequencies to the unlabeled set
   size instead of reading the true unlabeled counts: the same when gamma_l = gamma_u, and no
   label of the unlabeled set is used.
-* ``target=estimate`` estimates within the run, not in a separate one: every validation
+* ``target=estimate`` (imbssl's own single-run variant, not official) estimates within the
+  SSL run: every validation
   evaluation (the trainer's, hard predictions of the EMA model) gives ``C`` and the stored
   predictions of the unlabeled images seen so far give ``q~`` (their argmax histogram,
   scaled to the whole set); accepted estimates (no negative entry, condition < 100) are
   averaged, and until one is accepted the labeled target is used.
-* the first refinement runs at the first step after warm-up (the official code waits for
-  the next multiple of ``PER_ITERS`` and meanwhile returns its initial uniform rows).
 * everything runs in torch on the training device (float64 for the solver), and all
   state is in buffers (the schedule follows the step number), so a checkpoint resumes
   exactly.
@@ -63,7 +70,7 @@ from torch import Tensor
 from imbssl.collectives import all_gather_cat
 from imbssl.pseudo.base import IdentityRefiner
 
-TARGETS = ("labeled", "estimate", "uniform")
+TARGETS = ("labeled", "estimate", "uniform", "file")
 
 
 @dataclass
@@ -75,7 +82,8 @@ class DARPConfig:
     per_iters: int = 10        # official ALGORITHM.DARP.PER_ITERS (refine every 10 steps)
     alpha: float = 2.0         # official ALGORITHM.DARP.ALPHA (DARP repo --alpha 2.0)
     num_darp_iters: int = 10   # official ALGORITHM.DARP.NUM_DARP_ITERS (DARP repo --iter_T 10)
-    target: str = "labeled"    # labeled | estimate | uniform (see the module docstring)
+    target: str = "labeled"    # labeled | file | estimate | uniform (see the module docstring)
+    estimate_file: str = ""    # target=file: the estimation run's estimate (official ALGORITHM.DARP.EST)
     thresh_cond: float = 100.0  # official ALGORITHM.DARP_ESTIM.THRESH_COND (estimate only)
 
 
@@ -148,6 +156,28 @@ def estimate_distribution(confusion: Tensor, predicted_counts: Tensor
     return torch.linalg.solve(conf, predicted_counts.double()), cond
 
 
+def load_estimate(path: str, num_classes: int, num_unlabeled: int) -> Tensor:
+    """The target class counts from an estimate file: ``N_u * q / sum(q)`` (official
+    ``get_target_dist``); ``q`` is a (K,) array in NumPy's ``.npy`` format, whatever the file
+    is called (the official ``darp_estim/*.npyz`` files are ``.npy`` files)."""
+    import numpy as np
+
+    if not path:
+        raise ValueError("pseudo.target=file needs pseudo.estimate_file: the estimate an "
+                         "algorithm=darp_estim run wrote (or an official darp_estim/*.npyz)")
+    try:
+        q = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"pseudo.estimate_file={path} cannot be read as a NumPy array "
+                         f"({type(exc).__name__}: {str(exc)[:120]})") from None
+    q = torch.as_tensor(np.asarray(q, dtype=np.float64)).flatten()
+    if q.numel() != num_classes or not bool(torch.isfinite(q).all()) or bool((q < 0).any()) \
+            or float(q.sum()) <= 0:
+        raise ValueError(f"pseudo.estimate_file={path} holds {q.numel()} values; it must hold "
+                         f"{num_classes} finite non-negative class sizes, not all zero")
+    return q * num_unlabeled / q.sum()
+
+
 class DARP(IdentityRefiner):
     """Pseudo-label refiner over the whole unlabeled set; see the module docstring."""
 
@@ -156,7 +186,7 @@ class DARP(IdentityRefiner):
     def __init__(self, num_classes: int, num_unlabeled: int, labeled_counts, *,
                  warmup_ratio: float = 0.4, per_iters: int = 10, alpha: float = 2.0,
                  num_darp_iters: int = 10, target: str = "labeled",
-                 thresh_cond: float = 100.0):
+                 thresh_cond: float = 100.0, estimate_file: str = ""):
         super().__init__()
         if target not in TARGETS:
             raise ValueError(f"pseudo.target must be one of {TARGETS}, got {target!r}")
@@ -171,6 +201,8 @@ class DARP(IdentityRefiner):
         counts = torch.as_tensor(labeled_counts, dtype=torch.float64)
         if target == "uniform":
             counts = torch.ones(k, dtype=torch.float64)
+        if target == "file":
+            counts = load_estimate(estimate_file, k, n)
         self.register_buffer("base_target", counts / counts.sum() * n)  # c before any estimate
         self.register_buffer("pseudo_orig", torch.full((n, k), 1.0 / k))    # latest p per image
         self.register_buffer("pseudo_refine", torch.full((n, k), 1.0 / k))  # latest DARP rows
@@ -222,17 +254,20 @@ class DARP(IdentityRefiner):
         return int(total_steps * self.warmup_ratio)
 
     def solves_at(self, step: int, total_steps: int) -> bool:
-        """Whether 0-based ``step`` re-solves: the first step after the warm-up and every
-        ``per_iters`` steps after it (official counter ``steps = step + 1``)."""
-        after = step + 1 - self.warmup_steps(total_steps)
-        return after >= 1 and (after - 1) % self.per_iters == 0
+        """Whether 0-based ``step`` re-solves: after the warm-up, at every multiple of
+        ``per_iters`` of the official counter ``total_steps = step + 1`` (official ``step``:
+        ``if self.total_steps % self.per_iters == 0``); until the first solve the refined
+        rows are the initial uniform ones, as in the official code."""
+        count = step + 1
+        return count > self.warmup_steps(total_steps) and count % self.per_iters == 0
 
     @torch.no_grad()
     def refine_indexed(self, probs: Tensor, indices: Tensor, step: int,
                        total_steps: int) -> Tensor:
         """Store ``probs`` at ``indices``; after warm-up return the refined rows of these
-        images (re-solved every ``per_iters`` steps), before it ``probs`` itself. The
-        schedule follows the step number, so no counter syncs the host."""
+        images (re-solved every ``per_iters`` steps; uniform until the first solve, as the
+        official ``pseudo_refine``), before it ``probs`` itself. The schedule follows the step
+        number, so no counter syncs the host."""
         idx = all_gather_cat(indices).to(self.pseudo_orig.device).long()
         self.pseudo_orig.index_copy_(0, idx, all_gather_cat(probs.float()))
         self.seen.index_fill_(0, idx, True)

@@ -50,10 +50,12 @@ def test_adaptive_tau_hand_computed():
 
 
 def test_update_estimate_hand_computed():
+    """One 0/1 mark per class (the official indexed add), not a count: class 0 is predicted
+    twice, confidently, and still weighs as much as class 1."""
     algo, *_ = make_setup("acr", estimate_momentum=0.9)
     preds = torch.tensor([0, 0, 1, 2])
     algo.update_estimate(preds, torch.tensor([True, True, True, False]))
-    want = 0.9 * torch.full((3,), 1 / 3) + 0.1 * torch.tensor([2 / 3, 1 / 3, 0.0])
+    want = 0.9 * torch.full((3,), 1 / 3) + 0.1 * torch.tensor([1 / 2, 1 / 2, 0.0])
     assert torch.allclose(algo.u_py, want)
     assert torch.allclose(algo.kl_sum, anchor_divergences(want, algo.labeled_prior))
     before = (algo.u_py.clone(), algo.kl_sum.clone())

@@ -1,5 +1,6 @@
 """cRT: starts from a finished run's checkpoint, trains only the classifier, samples the
-labeled set class-balanced; runs after FixMatch and after FixMatch + DASO on digits-LT."""
+labeled set class-aware (official ClassAwareSampler, beta 0.999), evaluates the online network;
+runs after FixMatch and after FixMatch + DASO on digits-LT."""
 from __future__ import annotations
 
 import json
@@ -72,7 +73,8 @@ def test_only_the_classifier_trains_from_the_checkpoint(tiny_cfg, ssl_runs):
     saved = torch.load(run / "checkpoints" / "ckpt_00000004.pt", weights_only=True)
     trainer = Trainer(tiny_cfg("algorithm=crt", "pseudo=none", f"algorithm.init_from={run}",
                                *QUIET))
-    assert trainer.labeled_stream.state_dict()["sampling"] == "class_balanced"
+    state = trainer.labeled_stream.state_dict()
+    assert (state["sampling"], state["beta"]) == ("class_aware", 0.999)
     model = trainer.model
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     for name, value in start.items():  # encoder from the checkpoint, classifier fresh
@@ -121,3 +123,69 @@ def test_crt_after_ssl_runs_on_digits_lt_via_the_cli(ssl_runs, tmp_path, ssl):
     for name in ("config.yaml", "meta.json", "per_class.csv", "report.html",
                  "checkpoints/ckpt_00000004.pt"):
         assert (out / name).is_file(), name
+
+
+def test_crt_settings_default_to_the_official_code(tiny_cfg, ssl_runs):
+    """Class-aware sampling with beta 0.999 and evaluation of the online network (official
+    SemiSupervised.evaluate: eval_model = self.model for cRT); each is a setting."""
+    run = ssl_runs["fixmatch"]
+    trainer = Trainer(tiny_cfg("algorithm=crt", "pseudo=none", f"algorithm.init_from={run}",
+                               *QUIET))
+    assert trainer.algo.eval_network(trainer.model, trainer.ema.model) is trainer.model
+    trainer.train_step()
+    trainer.train_step()
+    online = trainer._measure("test", trainer.data.test)["confusion"]
+    from imbssl.engine.evaluate import confusion_matrix
+
+    ema = confusion_matrix(trainer.ema.model, trainer.data.test.images, trainer.data.test.labels,
+                           trainer.data.augmenter.normalize, trainer.data.num_classes, 256,
+                           trainer.autocast)
+    direct = confusion_matrix(trainer.model, trainer.data.test.images, trainer.data.test.labels,
+                              trainer.data.augmenter.normalize, trainer.data.num_classes, 256,
+                              trainer.autocast)
+    assert (online == direct.cpu().numpy()).all()
+    assert not (online == ema.cpu().numpy()).all()  # the EMA still holds the old classifier
+    other = Trainer(tiny_cfg("algorithm=crt", "pseudo=none", f"algorithm.init_from={run}",
+                             "algorithm.eval_network=ema", "algorithm.sampler=random", *QUIET))
+    assert other.algo.eval_network(other.model, other.ema.model) is other.ema.model
+    assert "permutation" in other.labeled_stream.state_dict()  # epochs of shuffled images
+
+
+@pytest.mark.parametrize("bad", ["algorithm.sampler=balanced", "algorithm.sampler_beta=0",
+                                 "algorithm.sampler_beta=1.5", "algorithm.eval_network=best"])
+def test_bad_crt_settings_are_one_line_errors(tiny_cfg, ssl_runs, bad):
+    with pytest.raises(UserError, match=bad.split("=")[0]) as err:
+        Trainer(tiny_cfg("algorithm=crt", "pseudo=none",
+                         f"algorithm.init_from={ssl_runs['fixmatch']}", bad, *QUIET))
+    assert "\n" not in str(err.value)
+
+
+def test_class_aware_stream_resumes_exactly():
+    from imbssl.algorithms.crt import ClassAwareSampling
+
+    labels = torch.tensor([0] * 9 + [1] * 3)
+    data = TensorSet(torch.zeros(12, 1, 1, 1, dtype=torch.uint8), labels)
+    a = make_stream(data, 5, seed=3, sampling=ClassAwareSampling(0.999))
+    a.next()
+    state = a.state_dict()
+    expected = [a.next()[2] for _ in range(3)]
+    b = make_stream(data, 5, seed=99, sampling=ClassAwareSampling(0.999))
+    b.load_state_dict(state)
+    assert all(torch.equal(e, b.next()[2]) for e in expected)
+    with pytest.raises(ValueError, match="beta"):
+        make_stream(data, 5, seed=0, sampling=ClassAwareSampling(0.9)).load_state_dict(state)
+
+
+def test_multistep_schedule_is_the_official_supervised_one():
+    """optim=sgd_multistep: official configs/cifar10/supervised.yaml (lr 0.1, x0.01 at 199999
+    and at 225000, 6250 warm-up steps)."""
+    from imbssl.cli import compose
+    from imbssl.engine.config import OptimConfig, typed
+    from imbssl.engine.trainer import lr_factor
+
+    o = typed(compose(["optim=sgd_multistep"]), "optim", OptimConfig)
+    assert (o.lr, o.schedule, list(o.milestones), o.gamma, o.warmup_iters) == (
+        0.1, "multistep", [199999, 225000], 0.01, 6250)
+    f = [lr_factor(s, 250000, o.schedule, o.warmup_iters, o.milestones, o.gamma)
+         for s in (6250, 199998, 199999, 224999, 225000, 249999)]
+    assert f == pytest.approx([1.0, 1.0, 0.01, 0.01, 1e-4, 1e-4])

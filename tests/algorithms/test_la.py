@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +12,7 @@ from torch.nn import functional as F
 
 from imbssl.algorithms import StepState, get_algorithm
 from imbssl.algorithms.base import logit_adjustment
-from imbssl.engine.config import experiment_generator
+from imbssl.engine.config import CONFIG_DIR, experiment_generator
 from imbssl.errors import UserError
 
 from .conftest import BATCH, make_batch, make_setup
@@ -118,6 +119,7 @@ def expected_comparator_rows() -> set[str]:
         "supervised", "supervised_la", "fixmatch_darp", "fixmatch_la", "fixmatch_la_darp",
         "fixmatch_la_daso")}
     rows |= {f"{s}_fixmatch_darp" for s in mismatched + stl}  # Table 2
+    rows |= {f"{s}_darp_estim" for s in mismatched + stl}  # its estimation runs (stage 1)
     rows |= {f"{s}_meanteacher{d}" for d in ("", "_daso") for s in (  # Table 3
         "cifar10_lt_g100_n1500", "cifar10_lt_g100_n1500_uniform", "cifar100_lt_g10_n150",
         "stl10_lt_g10_n450")}
@@ -129,9 +131,6 @@ def expected_comparator_rows() -> set[str]:
     rows |= {f"{s}_remixmatch_darp" for s in (  # Table 13
         "cifar10_lt_g100_n500", "cifar10_lt_g150_n500", "cifar100_lt_g10_n50",
         "cifar100_lt_g20_n50", "stl10_lt_g10_n150", "stl10_lt_g20_n150")}
-    rows |= {f"{s}_fixmatch_lainf{d}" for d in ("", "_daso") for s in (  # Table 14
-        "cifar10_lt_g100_n1500", "cifar10_lt_g150_n1500", "cifar100_lt_g10_n150",
-        "cifar100_lt_g20_n150")}
     rows |= {f"cifar100_lt_g20_n{n}_fixmatch{d}" for n in (50, 150) for d in ("", "_daso")}
     rows |= {f"cifar100_lt_g20_n50_remixmatch{d}" for d in ("", "_daso")}  # Table 13
     return rows
@@ -144,19 +143,35 @@ def test_comparator_rows_are_generated_and_say_what_their_names_say():
     assert gen.main(["--check"]) == 0, "run: python configs/experiment/_generate_comparators_a.py"
     names = set(gen.rows())
     assert names == expected_comparator_rows()
+    # Table 14's LA (inf) is a metric of its base rows, which exist (no duplicate training)
+    for base in ("cifar10_lt_g100_n1500", "cifar10_lt_g150_n1500", "cifar100_lt_g10_n150",
+                 "cifar100_lt_g20_n150"):
+        for d in ("", "_daso"):
+            assert (Path(CONFIG_DIR) / "experiment" / f"{base}_fixmatch{d}.yaml").is_file()
     for name in sorted(names):
         cfg = compose([f"experiment={name}"])
         a, p, d = cfg.algorithm, cfg.pseudo, cfg.dataset
         assert cfg.experiment_name == name and cfg.model.name == "wrn28_2"
         assert cfg.trainer.iterations == 250000
         assert f"_{a.name}" in name
-        mode = "posthoc" if "_lainf" in name else "loss" if "_la" in name else "none"
+        mode = "loss" if "_la" in name else "none"
         assert a.logit_adjust == mode and a.la_tau == 1.0
+        if a.name == "supervised":  # official configs/*/supervised.yaml solver
+            o = cfg.optim
+            assert (o.lr, o.schedule, list(o.milestones), o.gamma, o.warmup_iters) == (
+                0.1, "multistep", [199999, 225000], 0.01, 6250)
         matched = d.name != "stl10" and d.gamma_l == d.gamma_u and not d.reverse_unlabeled
         if name.endswith("_darp"):
             assert p.name == "darp" and (p.warmup_ratio, p.per_iters, p.alpha) == (0.4, 10, 2.0)
-            assert p.target == ("labeled" if matched else "estimate")
-            assert matched or d.num_valid_per_class > 0
+            assert p.target == ("labeled" if matched else "file")
+            if not matched:  # stage 2 loads the estimation row's estimate (same seed)
+                setting = name.rsplit("_", 2)[0]
+                assert p.estimate_file == (f"runs/{setting}_darp_estim-seed0/"
+                                           "darp_estim.npyz"), name
+                assert f"{setting}_darp_estim" in names
+        elif name.endswith("_darp_estim"):  # stage 1: labeled only, writes the estimate
+            assert a.name == "darp_estim" and p.name == "none" and d.num_valid_per_class > 0
+            assert a.estimate_file == f"runs/{name}-seed0/darp_estim.npyz"
         elif name.endswith("_daso"):
             assert p.name == "daso"
             assert p.dist_temperature == (1.5 if matched and d.name == "cifar10" else 0.3)
@@ -170,3 +185,30 @@ def test_comparator_rows_are_generated_and_say_what_their_names_say():
             assert (a.threshold, a.lambda_u, a.rampup_ratio) == (0.95, 1.0, 0.4)
         if a.name == "fixmatch":
             assert a.uratio == 2 and a.dist_align == "none"
+
+
+# ----------------------------------------------------------------------------- refused
+@pytest.mark.parametrize("mode", ["loss", "posthoc"])
+@pytest.mark.parametrize("name", ["abc", "acr"])
+def test_abc_and_acr_refuse_logit_adjust(name, mode):
+    """ABC balances with its own classifier and ACR adjusts its own logits: LA is refused
+    (it used to be accepted and ignored)."""
+    with pytest.raises(UserError, match=f"algorithm={name}.*logit_adjust={mode}"):
+        build(mode, name=name)
+    assert build("none", name=name).cfg.logit_adjust == "none"
+
+
+def test_cli_refuses_acr_with_logit_adjust_exit_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "imbssl", "train", "dataset=digits_lt",
+                           "algorithm=acr", "algorithm.logit_adjust=posthoc",
+                           f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True,
+                          timeout=300, env=env, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "logit_adjust=posthoc" in lines[0]
+    assert not (tmp_path / "run").exists()

@@ -30,6 +30,8 @@ from imbssl.errors import UserError
 @pytest.mark.parametrize("pseudo", ["none", "daso"])
 def test_two_steps_of_every_algorithm(tiny_cfg, name, pseudo):
     extra = ["pseudo.warmup_iters=1"] if pseudo == "daso" else []
+    if get_algorithm(name).needs_validation:  # DARP's estimation run
+        extra.append("dataset.num_valid_per_class=2")
     cfg = tiny_cfg(f"algorithm={name}", f"pseudo={pseudo}", *extra)
     if pseudo == "daso" and not get_algorithm(name).unlabeled_views:
         with pytest.raises(UserError, match="add pseudo=none"):  # no "supervised+DASO" runs

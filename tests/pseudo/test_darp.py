@@ -103,8 +103,10 @@ def test_refiner_schedule_warmup_then_refines_every_per_iters():
             assert out is probs
         else:
             assert torch.allclose(out.sum(0), torch.tensor([2.0, 2.0, 2.0]), atol=NEWTON_TOL)
-    assert solves == [5, 7]  # official counter (step + 1): first after warm-up, every 2
-    assert [s for s in range(20) if darp.solves_at(s, 20)] == [10, 12, 14, 16, 18]
+    # official counter (step + 1): multiples of per_iters after the warm-up; the step between
+    # (count 5) reads the initial uniform rows, as the official pseudo_refine
+    assert solves == [6, 8]
+    assert [s for s in range(20) if darp.solves_at(s, 20)] == [11, 13, 15, 17, 19]
     # per-image state: a subset of the images reads its stored refined rows
     darp.begin_step(batch([5, 0]), state(8, 8))
     out = darp.refine(probs[[5, 0]], torch.zeros(2, 4), 8)
@@ -146,9 +148,9 @@ def _tiny_runs():
     ["algorithm=fixmatch", "pseudo=darp"],  # FixMatch w/ DARP
     ["algorithm=mixmatch", "pseudo=darp"],
     ["algorithm=remixmatch", "pseudo=darp"],
-    ["algorithm=fixmatch", "pseudo=darp_estim", "dataset.num_valid_per_class=5",
-     "dataset.gamma_u=1"],  # mismatched: the estimated target
-], ids=["fixmatch_darp", "mixmatch_darp", "remixmatch_darp", "fixmatch_darp_estim"])
+    ["algorithm=fixmatch", "pseudo=darp", "pseudo.target=estimate",
+     "dataset.num_valid_per_class=5", "dataset.gamma_u=1"],  # imbssl's in-run estimate
+], ids=["fixmatch_darp", "mixmatch_darp", "remixmatch_darp", "fixmatch_darp_in_run_estimate"])
 def test_digits_runs_with_darp(tmp_path, overrides):
     _tiny_runs().tiny_run(tmp_path / "run", *overrides, "pseudo.warmup_ratio=0.25", "pseudo.per_iters=1")
 
@@ -156,4 +158,64 @@ def test_digits_runs_with_darp(tmp_path, overrides):
 def test_estimate_without_validation_set_is_a_user_error(tmp_path):
     from imbssl.cli import main
 
-    assert main(["train", *_tiny_runs().TINY, f"run_dir={tmp_path / 'r'}", "pseudo=darp_estim"]) == 2
+    assert main(["train", *_tiny_runs().TINY, f"run_dir={tmp_path / 'r'}", "pseudo=darp",
+                 "pseudo.target=estimate"]) == 2
+
+
+def test_darp_estim_in_two_stages_as_the_official_code(tmp_path):
+    """Stage 1 (algorithm=darp_estim, labeled only) writes RUN/darp_estim.npyz; stage 2
+    (pseudo=darp_estim) loads it by path and scales it to the unlabeled set."""
+    import numpy as np
+
+    from imbssl.cli import main
+
+    tiny = _tiny_runs().TINY
+    est_run = tmp_path / "estim"
+    mismatched = ["dataset.num_valid_per_class=5", "dataset.gamma_u=1"]
+    assert main(["train", *tiny, f"run_dir={est_run}", "algorithm=darp_estim", "pseudo=none",
+                 *mismatched, "algorithm.thresh_cond=1e12", "trainer.iterations=30",
+                 "trainer.eval_interval=10", "trainer.log_interval=10",
+                 "trainer.checkpoint_interval=30"]) == 0
+    estimate = est_run / "darp_estim.npyz"
+    assert estimate.is_file()
+    q = np.load(estimate)
+    assert q.shape == (10,) and np.isfinite(q).all() and (q >= 0).all()
+    ssl = tmp_path / "ssl"
+    rows = _tiny_runs().tiny_run(ssl, "algorithm=fixmatch", "pseudo=darp_estim",
+                                 f"pseudo.estimate_file={estimate}", *mismatched,
+                                 "pseudo.warmup_ratio=0.25", "pseudo.per_iters=1")
+    assert rows
+
+
+def test_official_npyz_estimates_load_and_scale(tmp_path):
+    """The official darp_estim/*.npyz files are .npy files: np.save to an open file."""
+    import numpy as np
+
+    from imbssl.pseudo.darp import load_estimate
+
+    path = tmp_path / "cifar10_l_1500_100_ul_3000_1_estim.npyz"
+    with open(path, "wb") as fh:
+        np.save(fh, np.array([3.0, 1.0, 0.0, 4.0], dtype=np.float32))
+    target = load_estimate(str(path), 4, 80)
+    assert target.tolist() == [30.0, 10.0, 0.0, 40.0]  # N_u * q / sum(q)
+    darp = DARP(4, 80, [1, 1, 1, 1], target="file", estimate_file=str(path))
+    assert darp.target_counts().tolist() == [30.0, 10.0, 0.0, 40.0]
+    with pytest.raises(ValueError, match="estimate_file"):
+        DARP(4, 80, [1, 1, 1, 1], target="file")
+    with pytest.raises(ValueError, match="hold 5 finite non-negative"):
+        load_estimate(str(path), 5, 80)
+
+
+def test_estimation_run_without_validation_set_exits_2(tmp_path):
+    from imbssl.cli import main
+
+    assert main(["train", *_tiny_runs().TINY, f"run_dir={tmp_path / 'r'}",
+                 "algorithm=darp_estim", "pseudo=none"]) == 2
+    assert not (tmp_path / "r").exists()
+
+
+def test_stage_two_without_the_estimate_file_exits_2(tmp_path):
+    from imbssl.cli import main
+
+    assert main(["train", *_tiny_runs().TINY, f"run_dir={tmp_path / 'r'}", "pseudo=darp_estim",
+                 f"pseudo.estimate_file={tmp_path / 'missing.npyz'}"]) == 2

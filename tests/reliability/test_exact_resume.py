@@ -41,7 +41,7 @@ CASES = {
     # CReST+ with ReMixMatch as the learner: tempered DA target, ramp-up restarting per generation
     "crest_plus_remixmatch": ["algorithm=crest_plus", "algorithm.base=remixmatch", "pseudo=none",
                               "algorithm.generations=4", "algorithm.uratio=1"],
-    "crt": ["algorithm=crt", "pseudo=none"],  # class-balanced labeled stream, frozen encoder
+    "crt": ["algorithm=crt", "pseudo=none"],  # class-aware labeled stream, frozen encoder
     # LA loss + DARP: per-image pseudo-labels stored and re-solved every 3 steps from step 5
     "fixmatch_la_darp": ["algorithm=fixmatch", "pseudo=darp", "algorithm.logit_adjust=loss",
                          "pseudo.warmup_ratio=0.2", "pseudo.per_iters=3", "algorithm.threshold=0.5"],
@@ -165,7 +165,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(runs, rel, name):
     elif name == "crest_plus":
         assert len(mid["labeled_added"]["indices"]) > 0
     elif name == "fixmatch_la_darp":  # re-solved after the resume, every image stored
-        assert bool(algo["refiner.seen"].any())  # stored rows, solved at steps 5, 8, ..., 20
+        assert bool(algo["refiner.seen"].any())  # stored rows, solved at steps 6, 9, ..., 18
         assert not torch.allclose(algo["refiner.pseudo_refine"], torch.full((1,), 0.1))
     elif name == "simmatch":
         assert int(algo["dist_align.count"]) == ITERS
