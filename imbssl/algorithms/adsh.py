@@ -43,7 +43,7 @@ from torch.nn import functional as F
 from imbssl.algorithms import register
 from imbssl.algorithms.base import Batch, StepState, forward_all
 from imbssl.algorithms.fixmatch import FixMatch, FixMatchConfig
-from imbssl.engine.distributed import all_gather_cat
+from imbssl.collectives import all_gather_cat
 from imbssl.pseudo.base import add_extra_loss, hard_labels
 
 

@@ -107,10 +107,10 @@ class DARPEstim(Supervised):
         return self.estimate_sum / n if n else None
 
     def write_estimate(self) -> None:
-        from imbssl.engine import distributed as ddp
+        from imbssl.collectives import rank
 
         q = self.estimate()
-        if q is None or ddp.rank() != 0:
+        if q is None or rank() != 0:
             return
         import numpy as np
 
