@@ -98,6 +98,11 @@ def _digest(value) -> str:
 ADDED_METRICS = ("top1_posthoc_la", "balanced_acc_posthoc_la")
 
 
+#: algorithm buffers that later changes added (issue 27: CReST keeps the initial labeled
+#: counts to recompute LA's prior per generation); left out of the checkpoint comparison
+ADDED_BUFFERS = ("initial_labeled_counts",)
+
+
 def _without_added(row: dict) -> dict:
     return {k: v for k, v in row.items() if k.split("/")[-1] not in ADDED_METRICS}
 
@@ -132,6 +137,8 @@ def run_case(name: str, overrides: list[str], workdir: Path) -> dict:
     ckpt = sorted((run_dir / "checkpoints").glob("ckpt_*.pt"))[-1]
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     state["eval_history"] = _without_added(state["eval_history"])
+    state["algorithm_buffers"] = {k: v for k, v in state["algorithm_buffers"].items()
+                                  if k not in ADDED_BUFFERS}
     return {
         "final": {k: repr(v) for k, v in sorted(_without_added(summary["final"]).items())},
         "files": {f: _file_digest(run_dir / f) for f in ("metrics.jsonl", "per_class.csv")},
