@@ -50,6 +50,8 @@ def _cases() -> dict[str, list[str]]:
         if name == "crt":
             continue  # needs a finished run to start from (below)
         cases[name] = [f"algorithm={name}", "pseudo=none"]
+        if cls.needs_validation:  # e.g. DARP's estimation run reads the validation set
+            cases[name].append("dataset.num_valid_per_class=2")
         if cls.unlabeled_views:
             cases[f"{name}_daso"] = [f"algorithm={name}", *DASO]
     cases["crest_remixmatch"] = ["algorithm=crest", "algorithm.base=remixmatch", "pseudo=none"]
