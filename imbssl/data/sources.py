@@ -14,6 +14,7 @@ import codecs
 import hashlib
 import os
 import pickle
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -482,8 +483,15 @@ def _read_cache(path: Path, fingerprint: str) -> SourceData | None:
 
 
 def _write_cache(path: Path, fingerprint: str, src: SourceData) -> None:
-    """Write the decoded arrays atomically next to the images."""
-    with atomic_open(path) as f:
-        np.savez(f, fingerprint=np.array(fingerprint), class_names=np.array(src.class_names),
-                 train_images=src.train_images, train_labels=src.train_labels,
-                 test_images=src.test_images, test_labels=src.test_labels)
+    """Write the decoded arrays atomically next to the images; a folder that cannot take
+    the cache (a read-only data mount, a full disk) trains without it, with a warning."""
+    try:
+        with atomic_open(path) as f:
+            np.savez(f, fingerprint=np.array(fingerprint),
+                     class_names=np.array(src.class_names),
+                     train_images=src.train_images, train_labels=src.train_labels,
+                     test_images=src.test_images, test_labels=src.test_labels)
+    except (OSError, RuntimeError) as exc:  # DiskFullError is a RuntimeError
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        warnings.warn(f"could not write the decoded-image cache {path} ({first}); training "
+                      "goes on without it (each run decodes the images again)", stacklevel=2)

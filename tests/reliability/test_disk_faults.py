@@ -229,9 +229,8 @@ def test_report_on_a_full_or_read_only_folder(disk, rel, finished_run, fault):
 
 
 def test_image_folder_on_a_read_only_mount(disk, rel, tmp_path):
-    """The dataset is read from a read-only mount (common on clusters): no traceback. Either
-    the decoded-image cache is skipped and the run trains (exit 0), or the one line names
-    the cache file that cannot be written (exit 74)."""
+    """The dataset is read from a read-only mount (common on clusters): the decoded-image
+    cache is skipped with a warning and the run trains."""
     from PIL import Image
 
     d = disk()
@@ -248,8 +247,6 @@ def test_image_folder_on_a_read_only_mount(disk, rel, tmp_path):
                   f"dataset.root={d.root / 'images'}", "dataset.n1=2", "dataset.m1=2",
                   "dataset.gamma_l=1", "dataset.gamma_u=1", f"run_dir={tmp_path / 'run'}",
                   env=d.env)
-    if out.returncode != 0:
-        line = one_line_74(out.returncode, out.stderr)
-        assert "read-only file system" in line and ".imbssl_cache.npz" in line
-    else:
-        assert status(tmp_path / "run") == "finished"
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "could not write the decoded-image cache" in out.stderr
+    assert status(tmp_path / "run") == "finished"
