@@ -51,7 +51,7 @@ class PeriodicWork:
                                     lambda x: self._prepare(self.data.augmenter.normalize(x)),
                                     self.data.num_classes, self.tcfg.eval_batch_size,
                                     self.autocast, self.algo.eval_predictor(net),
-                                    self.data.labeled.labels)
+                                    self.initial_labeled.labels)
         confs = ddp.all_reduce_sum(confs).cpu().numpy()
         return {"step": self.step_count, "split": split, **evaluation_scores(confs),
                 "metrics": confusion_to_metrics(confs[0]), "confusion": confs[0]}
