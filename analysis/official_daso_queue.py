@@ -65,8 +65,17 @@ def run_state(run_dir: Path) -> str:
     return "broken"
 
 
+def _relative(path: Path) -> str:
+    """``path`` relative to the repository when inside it (no machine paths in run records)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def command(job: Job, run_dir: Path, official: Path | None) -> list[str]:
     state = run_state(run_dir)
+    run_dir = Path(_relative(run_dir))
     if job.code == "imbssl":
         cmd = [sys.executable, "-m", "imbssl", "train", f"experiment={IMBSSL_ROWS[job.method]}",
                f"seed={job.seed}", f"run_dir={run_dir}", "dataset.split_protocol=official_daso",
