@@ -90,6 +90,16 @@ def command(job: Job, run_dir: Path, official: Path | None) -> list[str]:
             "--run-dir", str(run_dir)]
 
 
+def record_timing(path: Path, t0: float, usage, rc: int) -> None:
+    """One line per attempt: wall seconds and the process's CPU seconds (user + system), so
+    that the two codes' cost per iteration compares as CPU time on a shared machine."""
+    row = {"start": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t0)),
+           "wall_s": round(time.time() - t0, 2), "user_s": round(usage.ru_utime, 2),
+           "sys_s": round(usage.ru_stime, 2), "exit": rc}
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
 def run_job(job: Job, runs: Path, official: Path | None) -> int:
     run_dir = runs / job.name
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
@@ -99,8 +109,11 @@ def run_job(job: Job, runs: Path, official: Path | None) -> int:
           flush=True)
     t0 = time.time()
     with open(log, "a") as fh:
-        rc = subprocess.call(command(job, run_dir, official), cwd=ROOT, env=env, stdout=fh,
-                             stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command(job, run_dir, official), cwd=ROOT, env=env, stdout=fh,
+                                stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        rc = os.waitstatus_to_exitcode(status)
+    record_timing(runs / f"{job.name}.timing.jsonl", t0, usage, rc)
     print(f"[{time.strftime('%H:%M:%S')}] {job.name}: exit {rc} after "
           f"{(time.time() - t0) / 60:.1f} min (log {log})", flush=True)
     return rc
