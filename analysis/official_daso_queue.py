@@ -7,7 +7,8 @@ Uniform CIFAR-10-LT (gamma_l 100, gamma_u 1, N1 1500, M1 3000) at the mini proto
 and FixMatch + DASO, seeds 0, 1, 2, each trained by the official DASO code
 (analysis/official_daso_run.py) and by imbssl (``imbssl train`` with
 ``dataset.split_protocol=official_daso``, so both see the same images). Order: the four runs
-of seed 0 (imbssl's two, then the official two), then seed 1, then seed 2.
+of seed 0 (FixMatch by both codes, then FixMatch + DASO by both), then seed 1, then seed 2,
+so that each finished pair compares one method on one seed.
 
 One training process at a time, one thread (OMP_NUM_THREADS=1; the official runner also calls
 torch.set_num_threads(1)), so that the seconds per iteration of the two codes compare. A
@@ -46,8 +47,8 @@ class Job:
 
 
 def matrix() -> list[Job]:
-    return [Job(code, method, seed) for seed in (0, 1, 2) for code in ("imbssl", "official")
-            for method in ("fixmatch", "fixmatch_daso")]
+    return [Job(code, method, seed) for seed in (0, 1, 2)
+            for method in ("fixmatch", "fixmatch_daso") for code in ("imbssl", "official")]
 
 
 def run_state(run_dir: Path) -> str:
