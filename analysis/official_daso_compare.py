@@ -199,7 +199,8 @@ def plot(records: list[dict], path: Path) -> None:
                     continue
                 steps, mean, lo, hi = curve_stats(rs, key)
                 label = f"{code} ({len(rs)} seed{'s' if len(rs) > 1 else ''})"
-                ax.plot(steps, [v * 100 for v in mean], color=colors[code], label=label)
+                ax.plot(steps, [v * 100 for v in mean], color=colors[code], label=label,
+                        marker="o", markersize=2)
                 if len(rs) > 1:
                     ax.fill_between(steps, [v * 100 for v in lo], [v * 100 for v in hi],
                                     color=colors[code], alpha=0.2, linewidth=0)
