@@ -22,6 +22,8 @@ CODES = ("official", "imbssl")
 KINDS = ("linear", "semantic", "final")
 WARMUP = 500  # DASO warm-up of the mini protocol (both codes)
 COLLAPSE_WINDOWS = ((400, 500), (500, 600), (600, 700), (700, 800))
+CHECKPOINT_STEPS = (200, 500, 1000, 1500, 2000)
+MASK_SPANS = ((0, 500), (500, 1000), (1000, 1500), (1500, 2000))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -48,9 +50,14 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def identify(run_dir: Path) -> tuple[str, str, int] | None:
-    """(code, method, seed) of a run folder, from its config.yaml."""
+    """(code, method, seed) of a run folder: from the queue's name <code>-<method>-seed<N>,
+    else from its config.yaml."""
     import yaml
 
+    code, _, rest = run_dir.name.partition("-")
+    method, _, seed = rest.partition("-seed")
+    if code in CODES and method in METHODS and seed.isdigit():
+        return code, method, int(seed)
     try:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
@@ -84,16 +91,19 @@ def read_run(run_dir: Path) -> dict | None:
     if ident is None:
         return None
     code, method, seed = ident
+    finished = bool(summary and summary.get("status") == "finished")
     rows = _jsonl(run_dir / "metrics.jsonl")
-    rec = {"run": run_dir.name, "code": code, "method": method, "seed": seed,
-           "finished": bool(summary and summary.get("status") == "finished"),
-           "last_step": max((r.get("step", 0) for r in rows), default=0)}
-    if not rec["finished"]:
-        return rec
+    if not finished and code == "official":  # converted at the end: convert what is logged
+        rows = official_rows_so_far(run_dir)
     bal = [(r["step"], r["balanced_acc"]) for r in rows
            if r.get("split") == "test" and r.get("balanced_acc") is not None]
     mask = [(r["step"], r["mask/ratio"]) for r in rows
             if r.get("split") == "train" and r.get("mask/ratio") is not None]
+    rec = {"run": run_dir.name, "code": code, "method": method, "seed": seed,
+           "finished": finished, "last_step": max((r.get("step", 0) for r in rows), default=0),
+           "bal_acc_curve": bal, "mask_curve": mask}
+    if not finished:
+        return rec
     try:
         with open(run_dir / "per_class.csv", newline="") as fh:
             per_class = list(csv.DictReader(fh))
@@ -102,7 +112,6 @@ def read_run(run_dir: Path) -> dict | None:
     n = summary.get("summary_last", 5)
     rec.update({
         "iterations": summary.get("step"),
-        "bal_acc_curve": bal, "mask_curve": mask,
         "bal_acc_final": summary["final"].get("test/balanced_acc"),
         "bal_acc_median": summary.get(f"median_last{n}", {}).get("test/balanced_acc"),
         "mask_after_warmup": window_mean(mask, WARMUP, summary.get("step") or 0),
@@ -116,6 +125,19 @@ def read_run(run_dir: Path) -> dict | None:
                          summary.get("step") or 0),
     })
     return rec
+
+
+def official_rows_so_far(run_dir: Path) -> list[dict]:
+    """metrics.jsonl rows of a running official run, converted in memory."""
+    from official_daso import convert_rows, official_output, read_jsonl
+
+    try:
+        out = official_output(run_dir)
+    except FileNotFoundError:
+        return []
+    rows, _ = convert_rows(read_jsonl(out / "metrics.json"),
+                           read_jsonl(run_dir / "instrument.jsonl"), 10)
+    return rows
 
 
 def timing(path: Path, iterations: int) -> dict | None:
@@ -194,7 +216,14 @@ def plot(records: list[dict], path: Path) -> None:
                                             ("mask_curve", "mask ratio (%)"))):
             ax = axes[row][col]
             for code in CODES:
-                rs = [r for r in records if r["code"] == code and r["method"] == method]
+                for r in records:  # runs still training: one dashed line each
+                    if r["code"] == code and r["method"] == method and not r["finished"] \
+                            and r[key]:
+                        ax.plot([s for s, _ in r[key]], [v * 100 for _, v in r[key]],
+                                color=colors[code], linestyle="--", linewidth=1,
+                                label=f"{code} seed {r['seed']} (running, to {r['last_step']})")
+                rs = [r for r in records if r["code"] == code and r["method"] == method
+                      and r["finished"]]
                 if not rs:
                     continue
                 steps, mean, lo, hi = curve_stats(rs, key)
@@ -210,11 +239,12 @@ def plot(records: list[dict], path: Path) -> None:
             ax.grid(alpha=0.3)
             if row == 1:
                 ax.set_xlabel("iteration")
-            if ax.lines:
+            if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
     fig.suptitle("CIFAR-10-LT uniform (gamma_l 100, gamma_u 1), mini protocol: official DASO "
-                 "code vs imbssl on the same images\n(mean over seeds, band: min-max over seeds; "
-                 "dotted: end of DASO's warm-up)", fontsize=10)
+                 "code vs imbssl on the same images\n(finished runs: mean over seeds, band: "
+                 "min-max over seeds; dashed: a run still training; dotted: end of DASO's "
+                 "warm-up)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -282,6 +312,20 @@ def render(records: list[dict], figure: str) -> str:
                            f"{fmt([r['bal_acc_median'] for r in rs])} | "
                            f"{fmt([r['mask_after_warmup'] for r in rs])} | "
                            f"{fmt([r['mask_last_500'] for r in rs])} |")
+    out += ["", "## Run by run, finished or not", "",
+            "Test balanced accuracy (%) at some evaluations and mean mask ratio (%) over "
+            "iterations, per run; a run still training shows what it has logged. Runs of one "
+            "seed trained on the same images.", "",
+            "| run | last step | " + " | ".join(f"bal. acc. {s}" for s in CHECKPOINT_STEPS)
+            + " | " + " | ".join(f"mask {lo}-{hi}" for lo, hi in MASK_SPANS) + " |",
+            "|---|---|" + "---|" * (len(CHECKPOINT_STEPS) + len(MASK_SPANS))]
+    for r in sorted(records, key=lambda r: (r["seed"], METHODS.index(r["method"]), r["code"])):
+        at = dict(r["bal_acc_curve"])
+        cells = [f"{at[s] * 100:.1f}" if s in at else "–" for s in CHECKPOINT_STEPS]
+        for lo, hi in MASK_SPANS:
+            m = window_mean(r["mask_curve"], lo, hi) if r["last_step"] >= hi else None
+            cells.append(f"{m * 100:.1f}" if m is not None else "–")
+        out.append(f"| {r['run']} | {r['last_step']} | " + " | ".join(cells) + " |")
     out += ["", "## Acceptance (issue 31)", "",
             "Official minus imbssl, in points; bound: max(1.0, larger seed std) for the final "
             "balanced accuracy, max(2.0, larger seed std) for the mask ratio after the warm-up.",
@@ -347,7 +391,7 @@ def write_comparison(runs: Path, out: Path) -> Path:
     records = read_runs(runs)
     out.mkdir(parents=True, exist_ok=True)
     figure = out / "official_side_by_side.png"
-    plot([r for r in records if r["finished"]], figure)
+    plot(records, figure)
     md = out / "official_side_by_side.md"
     md.write_text(render(records, figure.name))
     print(f"{sum(r['finished'] for r in records)} finished runs -> {md}")
