@@ -199,3 +199,15 @@ def test_queue_trains_imbssl_on_the_official_split(tmp_path):
     cmd = queue.command(jobs[2], tmp_path / jobs[2].name, None)
     assert "dataset.split_protocol=official_daso" in cmd and "seed=0" in cmd
     assert "experiment=mini/cifar10_lt_g100_n1500_uniform_fixmatch_daso" in cmd
+
+
+def test_comparison_shows_an_official_run_still_training(official_run, tmp_path):
+    compare = _load("official_daso_compare")
+    (official_run / "official_output" / "done.json").unlink()  # the runner has not converted
+    rec = compare.read_run(official_run)
+    assert rec["finished"] is False and rec["last_step"] == 300
+    assert dict(rec["bal_acc_curve"])[300] == pytest.approx(0.45)
+    assert dict(rec["mask_curve"])[150] == pytest.approx(0.15)
+    text = compare.write_comparison(official_run.parent, tmp_path / "out").read_text()
+    assert "Runs finished: 0 of 12" in text
+    assert "| official-fixmatch_daso-seed2 | 300 | 60.0 | – |" in text
