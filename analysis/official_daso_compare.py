@@ -375,7 +375,7 @@ def render(records: list[dict], figure: str) -> str:
             if not any(t.values()):
                 continue
 
-            def cell(code, key):
+            def cell(code, key, t=t):
                 return f"{t[code][key]:.3f}" if t.get(code) else "–"
 
             ratio = (f"{t['official']['cpu_s_per_it'] / t['imbssl']['cpu_s_per_it']:.2f}"

@@ -7,8 +7,10 @@ NUM_VALID 5000) on label arrays whose "images" were the indices 0..N-1. Each par
 unlabeled, validation) is stored as (size, sum of the indices, the first 16 hex digits of the
 sha256 of the sorted indices as little-endian int64).
 
-Label arrays: the real CIFAR-10 train labels (the test skips when no copy is in datasets/ or
-IMBSSL_CIFAR10_ROOT), and synthetic ones with the CIFAR class layout so that the check runs
+Label arrays: the train labels of the CIFAR-10 copy that the shared ``materialize.py`` writes
+(real CIFAR-10 images in that script's own train order, fixed by its seed, not the official
+release's order; the test skips when no copy is in datasets/ or IMBSSL_CIFAR10_ROOT), and
+synthetic ones with the CIFAR class layout so that the check runs
 without data: ``RandomState(2022).permutation(np.repeat(np.arange(K), 50000 // K))`` for
 K = 10 (CIFAR-10 layout) and K = 100 (CIFAR-100 layout: no CIFAR-100 copy was at hand).
 """
