@@ -16,6 +16,8 @@ from .longtail import (
     SplitCounts,
     class_counts,
     make_longtail_split,
+    make_official_daso_split,
+    make_split,
     per_class_counts,
     planned_counts,
     split_counts,
@@ -25,7 +27,8 @@ from .sources import NORMALIZATION, DataError, SourceData, channel_stats, load_s
 __all__ = [
     "NORMALIZATION", "Augmenter", "BatchStream", "DataBundle", "DataError", "DatasetConfig",
     "SourceData", "Split", "SplitCounts", "TensorSet", "build_data", "class_counts",
-    "load_source", "make_longtail_split", "per_class_counts", "planned_counts", "split_counts",
+    "load_source", "make_longtail_split", "make_official_daso_split", "make_split",
+    "per_class_counts", "planned_counts", "split_counts",
 ]
 
 
@@ -51,6 +54,9 @@ class DatasetConfig:
     # Fill of the strong view's Rotate/Shear/Translate: 128 = Google FixMatch (augment.WARP_FILL),
     # 0 = official DASO (PIL rotate/transform without fillcolor: black).
     geometric_fill: int = 128
+    # imbssl: make_longtail_split; official_daso: the images the official DASO code draws for
+    # the seed (lib/dataset/utils.py, longtail.make_official_daso_split)
+    split_protocol: str = "imbssl"
 
 
 @dataclass
@@ -81,9 +87,10 @@ def build_data(cfg: Any, device: torch.device | str = "cpu") -> DataBundle:
     k = src.num_classes
     has_extra = src.extra_unlabeled_images is not None
     try:
-        split = make_longtail_split(
-            src.train_labels, int(get("n1")), float(get("gamma_l")),
-            0 if has_extra else int(get("m1")), 1.0 if has_extra else float(get("gamma_u")),
+        split = make_split(
+            str(get("split_protocol")), src.train_labels, n1=int(get("n1")),
+            gamma_l=float(get("gamma_l")), m1=0 if has_extra else int(get("m1")),
+            gamma_u=1.0 if has_extra else float(get("gamma_u")),
             reverse_unlabeled=bool(get("reverse_unlabeled")),
             num_valid_per_class=int(get("num_valid_per_class")), seed=int(get("seed")),
             num_classes=k,
