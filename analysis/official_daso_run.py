@@ -171,11 +171,10 @@ def scratch_copy(official: Path) -> Path:
 # ----------------------------------------------------------------------------- run-time shims
 def install_runtime_shims() -> None:
     """Items 4 and 5 of the module docstring (the official modules must be importable)."""
-    import torchvision
-    from torch import nn
-
     import lib.models.semi_model as semi_model
     import lib.models.wrn as wrn
+    import torchvision
+    from torch import nn
 
     cifar = sys.modules[torchvision.datasets.CIFAR10.__module__]
     cifar.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath)
