@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from imbssl.algorithms import register
-from imbssl.algorithms.base import Batch, StepState, forward_all
+from imbssl.algorithms.base import Batch, StepState, reject_setting
 from imbssl.algorithms.fixmatch import FixMatch, FixMatchConfig, fixmatch_mask
 from imbssl.algorithms.ops import soft_cross_entropy
 from imbssl.errors import UserError
@@ -97,8 +97,7 @@ class ABC(FixMatch):
                             f"algorithm.logit_adjust={cfg.logit_adjust} does not apply, set "
                             "algorithm.logit_adjust=none")
         super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
-        if cfg.epoch_iters < 1:
-            raise ValueError(f"algorithm.epoch_iters must be >= 1, got {cfg.epoch_iters}")
+        reject_setting(cfg, "epoch_iters", ">= 1", when=cfg.epoch_iters < 1)
         counts = torch.bincount(labeled_labels.long().cpu(), minlength=num_classes)
         self.register_buffer("bal_param", balance_parameter(counts), persistent=False)
 
@@ -112,20 +111,14 @@ class ABC(FixMatch):
 
     def step(self, batch: Batch, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
-        self.feed_refiner(batch, state)
-        probe_logs = self.probe_ctaugment(batch, state)
-        (logits_x, feats_x), (logits_w, feats_w), (logits_s, feats_s) = forward_all(
-            state.model, batch.x_lb, *batch.x_ulb)
+        probe_logs, (logits_x, feats_x), (logits_w, feats_w), (logits_s, feats_s) = \
+            self.forward_views(batch, state)
         abc_loss, abc_logs = self._abc_losses(state, batch, feats_x, feats_w, feats_s)
 
         # FixMatch on the main classifier (as imbssl/algorithms/fixmatch.py)
         loss_x = F.cross_entropy(logits_x.float(), batch.y_lb)
         with torch.no_grad():
-            probs = torch.softmax(logits_w.detach().float(), dim=-1)
-            linear = probs.argmax(dim=-1)
-            if self.dist_align is not None:
-                probs = self.dist_align(probs)
-            probs = self.refiner.refine(probs, feats_w.detach(), state.step)
+            probs, linear = self.weak_view_probs(logits_w, feats_w, state.step)
             mask, pseudo = fixmatch_mask(probs, cfg.threshold)
         self.refiner.observe(pseudo)
         loss_u = (F.cross_entropy(logits_s.float(), pseudo, reduction="none") * mask).mean()

@@ -56,7 +56,7 @@ from torch.nn import functional as F
 
 from imbssl.algorithms import register
 from imbssl.algorithms.abc import linear_head
-from imbssl.algorithms.base import Algorithm, AlgorithmConfig, Batch, StepState
+from imbssl.algorithms.base import Algorithm, AlgorithmConfig, Batch, StepState, reject_setting
 from imbssl.collectives import all_gather_cat
 from imbssl.errors import UserError
 from imbssl.pseudo.base import add_extra_loss, hard_labels
@@ -130,13 +130,10 @@ class ACR(Algorithm):
         super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
         for key in ("tau_max", "tau_balanced_target", "tau_balanced_labeled",
                     "estimate_after_epochs"):
-            if getattr(cfg, key) < 0:
-                raise ValueError(f"algorithm.{key} must be >= 0, got {getattr(cfg, key)}")
-        if not 0 <= cfg.estimate_momentum < 1:
-            raise ValueError(f"algorithm.estimate_momentum must be in [0, 1), got "
-                             f"{cfg.estimate_momentum}")
-        if cfg.epoch_iters < 1:
-            raise ValueError(f"algorithm.epoch_iters must be >= 1, got {cfg.epoch_iters}")
+            reject_setting(cfg, key, ">= 0", when=getattr(cfg, key) < 0)
+        reject_setting(cfg, "estimate_momentum", "in [0, 1)",
+                       when=not 0 <= cfg.estimate_momentum < 1)
+        reject_setting(cfg, "epoch_iters", ">= 1", when=cfg.epoch_iters < 1)
         #: estimate of the unlabeled class distribution (official args.u_py, uniform at first)
         self.register_buffer("u_py", torch.full((num_classes,), 1.0 / num_classes))
         #: sum over this epoch's steps of the (con, uni, rev) divergences (official count_KL)

@@ -41,7 +41,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from imbssl.algorithms import register
-from imbssl.algorithms.base import Batch, StepState, forward_all
+from imbssl.algorithms.base import Batch, StepState, reject_setting
 from imbssl.algorithms.fixmatch import FixMatch, FixMatchConfig
 from imbssl.collectives import all_gather_cat
 from imbssl.pseudo.base import add_extra_loss, hard_labels
@@ -98,13 +98,9 @@ class Adsh(FixMatch):
     def __init__(self, cfg: AdshConfig, num_classes: int, feat_dim: int,
                  labeled_labels: Tensor, refiner=None):
         super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
-        if cfg.epoch_iters < 1:
-            raise ValueError(f"algorithm.epoch_iters must be >= 1, got {cfg.epoch_iters}")
-        if cfg.update_after_epochs < 0:
-            raise ValueError("algorithm.update_after_epochs must be >= 0, got "
-                             f"{cfg.update_after_epochs}")
-        if not 0 < cfg.threshold <= 1:
-            raise ValueError(f"algorithm.threshold must be in (0, 1], got {cfg.threshold}")
+        reject_setting(cfg, "epoch_iters", ">= 1", when=cfg.epoch_iters < 1)
+        reject_setting(cfg, "update_after_epochs", ">= 0", when=cfg.update_after_epochs < 0)
+        reject_setting(cfg, "threshold", "in (0, 1]", when=not 0 < cfg.threshold <= 1)
         self.head = int(self.labeled_prior.argmax())
         #: s_k (official ``score = np.zeros(num_classes) + threshold``)
         self.register_buffer("scores", torch.full((num_classes,), float(cfg.threshold)))
@@ -152,18 +148,12 @@ class Adsh(FixMatch):
     def step(self, batch: Batch, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
         self.start_epoch(state.step)
-        self.feed_refiner(batch, state)
-        probe_logs = self.probe_ctaugment(batch, state)
-        (logits_x, _), (logits_w, feats_w), (logits_s, feats_s) = forward_all(
-            state.model, batch.x_lb, *batch.x_ulb)
-        loss_x = F.cross_entropy(self.labeled_logits(logits_x).float(), batch.y_lb)
+        probe_logs, (logits_x, _), (logits_w, feats_w), (logits_s, feats_s) = \
+            self.forward_views(batch, state)
+        loss_x = self.labeled_loss(logits_x, batch.y_lb)
 
         with torch.no_grad():
-            probs = torch.softmax(logits_w.detach().float(), dim=-1)
-            linear = probs.argmax(dim=-1)
-            if self.dist_align is not None:
-                probs = self.dist_align(probs)
-            probs = self.refiner.refine(probs, feats_w.detach(), state.step)
+            probs, linear = self.weak_view_probs(logits_w, feats_w, state.step)
             self.record(*hard_labels(probs))
             mask, pseudo = rectified_selection(probs, self.scores)
         self.refiner.observe(pseudo)

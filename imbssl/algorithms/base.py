@@ -47,6 +47,7 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 
 @dataclass
@@ -160,6 +161,11 @@ class Algorithm(nn.Module):
         if getattr(self.cfg, "logit_adjust", "none") != "loss":
             return logits
         return logits.float() + self.la_offset
+
+    def labeled_loss(self, logits_x: Tensor, y_lb: Tensor) -> Tensor:
+        """``1/B sum_b H(y_b, f(x_b))`` in float32 on ``labeled_logits`` (+LA with
+        ``logit_adjust=loss``)."""
+        return F.cross_entropy(self.labeled_logits(logits_x).float(), y_lb)
 
     def posthoc_adjust(self, logits: Tensor) -> Tensor:
         """``f(x) - tau log pi`` with ``logit_adjust=posthoc`` (Menon et al. Eq. 9),
@@ -276,6 +282,13 @@ class Algorithm(nn.Module):
         if cta is None:
             return {}
         return {"ctaugment/proximity": cta.probe_step(state.ema_model, batch.x_lb, batch.y_lb)}
+
+
+def reject_setting(cfg, field: str, rule: str, when: bool) -> None:
+    """Raise ``ValueError("algorithm.<field> must be <rule>, got <value>")`` when ``when``
+    (the constructors' check of their settings)."""
+    if when:
+        raise ValueError(f"algorithm.{field} must be {rule}, got {getattr(cfg, field)}")
 
 
 def raw_logits(output) -> Tensor:

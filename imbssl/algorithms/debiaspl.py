@@ -38,8 +38,9 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from imbssl.algorithms import register
-from imbssl.algorithms.base import Batch, StepState, forward_all
+from imbssl.algorithms.base import Batch, StepState, reject_setting
 from imbssl.algorithms.fixmatch import FixMatch, FixMatchConfig, fixmatch_mask
+from imbssl.algorithms.ops import aligned_refined_probs
 from imbssl.collectives import all_gather_cat
 from imbssl.pseudo.base import add_extra_loss
 
@@ -81,28 +82,23 @@ class DebiasPL(FixMatch):
     def __init__(self, cfg: DebiasPLConfig, num_classes: int, feat_dim: int,
                  labeled_labels: Tensor, refiner=None):
         super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
-        if cfg.debias_tau < 0:
-            raise ValueError(f"algorithm.debias_tau must be >= 0, got {cfg.debias_tau}")
-        if not 0 <= cfg.qhat_momentum < 1:
-            raise ValueError(f"algorithm.qhat_momentum must be in [0, 1), got {cfg.qhat_momentum}")
+        reject_setting(cfg, "debias_tau", ">= 0", when=cfg.debias_tau < 0)
+        reject_setting(cfg, "qhat_momentum", "in [0, 1)", when=not 0 <= cfg.qhat_momentum < 1)
         #: q_hat, the pseudo-label bias (official initial_qhat: uniform)
         self.register_buffer("qhat", torch.full((num_classes,), 1.0 / num_classes))
 
     def step(self, batch: Batch, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
-        self.feed_refiner(batch, state)
-        probe_logs = self.probe_ctaugment(batch, state)
-        (logits_x, _), (logits_w, feats_w), (logits_s, feats_s) = forward_all(
-            state.model, batch.x_lb, *batch.x_ulb)
-        loss_x = F.cross_entropy(self.labeled_logits(logits_x).float(), batch.y_lb)
+        probe_logs, (logits_x, _), (logits_w, feats_w), (logits_s, feats_s) = \
+            self.forward_views(batch, state)
+        loss_x = self.labeled_loss(logits_x, batch.y_lb)
 
         with torch.no_grad():
             weak = logits_w.detach().float()
             raw = torch.softmax(weak, dim=-1)
             probs = debiased_probs(weak, self.qhat, cfg.debias_tau)  # with last step's q_hat
-            if self.dist_align is not None:
-                probs = self.dist_align(probs)
-            probs = self.refiner.refine(probs, feats_w.detach(), state.step)
+            probs = aligned_refined_probs(probs, feats_w, state.step, self.refiner,
+                                          self.dist_align)
             mask, pseudo = fixmatch_mask(probs, cfg.threshold)
             self.qhat.copy_(updated_qhat(self.qhat, all_gather_cat(raw), cfg.qhat_momentum))
         self.refiner.observe(pseudo)

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from imbssl.algorithms import register
 from imbssl.algorithms.base import Algorithm, AlgorithmConfig, Batch, StepState, forward_all
+from imbssl.algorithms.ops import weak_view_probs
 from imbssl.data.ctaugment import build_ctaugment, with_ctaugment
 from imbssl.pseudo.base import add_extra_loss, hard_labels
 from imbssl.pseudo.dist_align import build_dist_align
@@ -51,20 +52,28 @@ class FixMatch(Algorithm):
         self.ctaugment = build_ctaugment(cfg.strong_augment)  # its weights: a buffer
         self.unlabeled_views = with_ctaugment(type(self).unlabeled_views, self.ctaugment)
 
-    def step(self, batch: Batch, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
-        cfg = self.cfg
+    def forward_views(self, batch: Batch, state: StepState) -> tuple:
+        """Feed the refiner, probe CTAugment, then one forward over the labeled, weak and
+        strong images: (CTAugment probe logs, (logits, features) of each of the three)."""
         self.feed_refiner(batch, state)
         probe_logs = self.probe_ctaugment(batch, state)
-        (logits_x, _), (logits_w, feats_w), (logits_s, feats_s) = forward_all(
-            state.model, batch.x_lb, *batch.x_ulb)
-        loss_x = F.cross_entropy(self.labeled_logits(logits_x).float(), batch.y_lb)  # l_s (+LA)
+        return probe_logs, *forward_all(state.model, batch.x_lb, *batch.x_ulb)
+
+    def weak_view_probs(self, logits_w: Tensor, feats_w: Tensor, step: int
+                        ) -> tuple[Tensor, Tensor]:
+        """(weak-view probabilities after distribution alignment and the refiner, argmax of
+        the raw ones): ``ops.weak_view_probs`` with this algorithm's aligner and refiner."""
+        return weak_view_probs(logits_w, feats_w, step, self.refiner, self.dist_align)
+
+    def step(self, batch: Batch, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
+        cfg = self.cfg
+        probe_logs, (logits_x, _), (logits_w, feats_w), (logits_s, feats_s) = \
+            self.forward_views(batch, state)
+        loss_x = self.labeled_loss(logits_x, batch.y_lb)  # l_s (+LA)
 
         with torch.no_grad():
-            probs = torch.softmax(logits_w.detach().float(), dim=-1)  # q_b = p_m(y | alpha(u_b))
-            linear = probs.argmax(dim=-1)
-            if self.dist_align is not None:
-                probs = self.dist_align(probs)
-            probs = self.refiner.refine(probs, feats_w.detach(), state.step)
+            # q_b = p_m(y | alpha(u_b)), aligned and refined; linear = argmax of the raw q_b
+            probs, linear = self.weak_view_probs(logits_w, feats_w, state.step)
             mask, pseudo = fixmatch_mask(probs, cfg.threshold)  # 1(max q_b >= tau), argmax q_b
         self.refiner.observe(pseudo)
 

@@ -47,7 +47,7 @@ class MeanTeacher(Algorithm):
         x_student, x_teacher = batch.x_ulb
         self.feed_refiner(batch, state)
         (logits_x, _), (logits_u, _) = forward_all(state.model, batch.x_lb, x_student)
-        loss_x = F.cross_entropy(self.labeled_logits(logits_x).float(), batch.y_lb)
+        loss_x = self.labeled_loss(logits_x, batch.y_lb)
 
         with torch.no_grad():
             teacher = state.ema_model(x_teacher)

@@ -62,3 +62,21 @@ def linear_rampup(step: int, total_steps: int, ratio: float) -> float:
     """min(step / (ratio * total_steps), 1): the consistency weight's linear ramp-up (host ints)."""
     length = ratio * total_steps
     return 1.0 if length <= 0 else min(step / length, 1.0)
+
+
+def aligned_refined_probs(probs: Tensor, feats_w: Tensor, step: int, refiner,
+                          dist_align=None) -> Tensor:
+    """Weak-view probabilities -> optional distribution alignment (ReMixMatch / DASO)
+    -> the refiner (DASO blend on the detached features). Call under ``torch.no_grad()``."""
+    if dist_align is not None:
+        probs = dist_align(probs)
+    return refiner.refine(probs, feats_w.detach(), step)
+
+
+def weak_view_probs(logits_w: Tensor, feats_w: Tensor, step: int, refiner,
+                    dist_align=None) -> tuple[Tensor, Tensor]:
+    """(q_b aligned and refined, argmax of the raw q_b) with q_b = p_m(y | alpha(u_b)) the
+    softmax of the detached float32 weak-view logits. Call under ``torch.no_grad()``."""
+    probs = torch.softmax(logits_w.detach().float(), dim=-1)  # q_b = p_m(y | alpha(u_b))
+    linear = probs.argmax(dim=-1)
+    return aligned_refined_probs(probs, feats_w, step, refiner, dist_align), linear

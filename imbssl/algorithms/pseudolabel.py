@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from imbssl.algorithms import register
 from imbssl.algorithms.base import Algorithm, AlgorithmConfig, Batch, StepState, forward_all
 from imbssl.algorithms.fixmatch import fixmatch_mask
-from imbssl.algorithms.ops import linear_rampup
+from imbssl.algorithms.ops import linear_rampup, weak_view_probs
 
 
 @dataclass
@@ -45,12 +45,10 @@ class PseudoLabel(Algorithm):
         cfg = self.cfg
         self.feed_refiner(batch, state)
         (logits_x, _), (logits_u, feats_u) = forward_all(state.model, batch.x_lb, batch.x_ulb[0])
-        loss_x = F.cross_entropy(self.labeled_logits(logits_x).float(), batch.y_lb)
+        loss_x = self.labeled_loss(logits_x, batch.y_lb)
 
         with torch.no_grad():
-            probs = torch.softmax(logits_u.detach().float(), dim=-1)
-            linear = probs.argmax(dim=-1)
-            probs = self.refiner.refine(probs, feats_u.detach(), state.step)
+            probs, linear = weak_view_probs(logits_u, feats_u, state.step, self.refiner)
             mask, pseudo = fixmatch_mask(probs, cfg.threshold)  # 1(max p >= tau), argmax p
         self.refiner.observe(pseudo)
 

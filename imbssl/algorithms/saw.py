@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from imbssl.algorithms import register
-from imbssl.algorithms.base import Batch, StepState, forward_all
+from imbssl.algorithms.base import Batch, StepState, reject_setting
 from imbssl.algorithms.fixmatch import FixMatch, FixMatchConfig, fixmatch_mask
 from imbssl.collectives import all_gather_cat
 from imbssl.pseudo.base import add_extra_loss
@@ -93,12 +93,9 @@ class SAW(FixMatch):
     def __init__(self, cfg: SAWConfig, num_classes: int, feat_dim: int,
                  labeled_labels: Tensor, refiner=None):
         super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
-        if not 0 < cfg.beta <= 1:
-            raise ValueError(f"algorithm.beta must be in (0, 1], got {cfg.beta}")
-        if cfg.normalize <= 0:
-            raise ValueError(f"algorithm.normalize must be > 0, got {cfg.normalize}")
-        if cfg.epoch_iters < 1:
-            raise ValueError(f"algorithm.epoch_iters must be >= 1, got {cfg.epoch_iters}")
+        reject_setting(cfg, "beta", "in (0, 1]", when=not 0 < cfg.beta <= 1)
+        reject_setting(cfg, "normalize", "> 0", when=cfg.normalize <= 0)
+        reject_setting(cfg, "epoch_iters", ">= 1", when=cfg.epoch_iters < 1)
         counts = torch.bincount(labeled_labels.long().cpu(), minlength=num_classes)
         self.register_buffer("labeled_weights", effective_weights(counts, cfg.beta,
                                                                   cfg.normalize))
@@ -136,19 +133,13 @@ class SAW(FixMatch):
 
     def step(self, batch: Batch, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
-        self.feed_refiner(batch, state)
-        probe_logs = self.probe_ctaugment(batch, state)
-        (logits_x, _), (logits_w, feats_w), (logits_s, feats_s) = forward_all(
-            state.model, batch.x_lb, *batch.x_ulb)
+        probe_logs, (logits_x, _), (logits_w, feats_w), (logits_s, feats_s) = \
+            self.forward_views(batch, state)
         # L_x = 1/B sum w^x[y_b] H(y_b, p(x_b))  (official SemiLoss Lx)
         loss_x = weighted_cross_entropy(self.labeled_logits(logits_x), batch.y_lb,
                                         self.labeled_weights)
         with torch.no_grad():
-            probs = torch.softmax(logits_w.detach().float(), dim=-1)
-            linear = probs.argmax(dim=-1)
-            if self.dist_align is not None:
-                probs = self.dist_align(probs)
-            probs = self.refiner.refine(probs, feats_w.detach(), state.step)
+            probs, linear = self.weak_view_probs(logits_w, feats_w, state.step)
             mask, pseudo = fixmatch_mask(probs, cfg.threshold)
             self.record(batch.idx_ulb, pseudo)
         self.refiner.observe(pseudo)

@@ -41,7 +41,7 @@ from torch.nn import functional as F
 
 from imbssl.algorithms import register
 from imbssl.algorithms.base import Algorithm, AlgorithmConfig, Batch, StepState, forward_all
-from imbssl.algorithms.ops import fp32, one_hot, soft_cross_entropy
+from imbssl.algorithms.ops import fp32, one_hot, soft_cross_entropy, weak_view_probs
 from imbssl.collectives import all_gather_cat
 from imbssl.pseudo.base import add_extra_loss, hard_labels
 from imbssl.pseudo.dist_align import build_dist_align
@@ -147,15 +147,13 @@ class SimMatch(Algorithm):
                 model, batch.x_lb, x_weak, x_strong)
             self.update_bank(batch, model, feats_lb_t)
             teacher = model
-        loss_x = F.cross_entropy(self.labeled_logits(logits_x).float(), batch.y_lb)  # L_s (+LA)
+        loss_x = self.labeled_loss(logits_x, batch.y_lb)  # L_s (+LA)
         emb_s = F.normalize(model.heads["projection"](feats_s).float(), dim=-1)
 
         with torch.no_grad():
-            probs = torch.softmax(logits_w.detach().float(), dim=-1)  # p^w
-            linear = probs.argmax(dim=-1)
-            if self.dist_align is not None:
-                probs = self.dist_align(probs)
-            probs = self.refiner.refine(probs, feats_w.detach(), state.step)
+            # p^w, aligned and refined; linear = argmax of the raw p^w
+            probs, linear = weak_view_probs(logits_w, feats_w, state.step, self.refiner,
+                                            self.dist_align)
             emb_w = F.normalize(teacher.heads["projection"](feats_w.detach()).float(), dim=-1)
             sim_w = torch.softmax(self.similarities(emb_w), dim=-1)  # q^w (Sec. 3.2)
             bank_onehot = one_hot(self.bank_labels, self.num_classes)
