@@ -65,7 +65,7 @@ def lock_run_dir(run_dir: Path) -> RunLock:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            holder = _holder(f)
+            holder = _holder(f, wait=exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN))
             f.close()
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
@@ -118,13 +118,20 @@ def live_holder(run_dir: Path) -> str | None:
     return None
 
 
-def _holder(f) -> str:
-    try:
-        f.seek(0)
-        text = f.read(200).strip().splitlines()
-    except OSError:
-        text = []
-    return text[0] if text else "a process that has not written its name yet"
+def _holder(f, wait: bool = False) -> str:
+    """The holder's line of the lock file; with ``wait``, up to a second for a holder that
+    has locked the file but not yet written its name (two runs started at once)."""
+    for _ in range(20 if wait else 1):
+        try:
+            f.seek(0)
+            text = f.read(200).strip().splitlines()
+        except OSError:
+            text = []
+        if text:
+            return text[0]
+        if wait:
+            time.sleep(0.05)
+    return "a process that has not written its name yet"
 
 
 def _same_file(f, path: Path) -> bool:
