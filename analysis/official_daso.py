@@ -45,6 +45,7 @@ OFFICIAL_REPO = "github.com/ytaek-oh/daso"
 
 # ----------------------------------------------------------------------------- reading
 def read_jsonl(path: Path) -> list[dict]:
+    """The JSON rows of a .jsonl file, skipping a line cut short; [] when it is missing."""
     rows = []
     try:
         lines = path.read_text().splitlines()

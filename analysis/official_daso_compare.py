@@ -15,6 +15,8 @@ import math
 import statistics
 from pathlib import Path
 
+from official_daso import read_jsonl  # beside this file (analysis/ is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("fixmatch", "fixmatch_daso")
 METHOD_TITLES = {"fixmatch": "FixMatch", "fixmatch_daso": "FixMatch + DASO"}
@@ -33,20 +35,6 @@ def _json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return obj if isinstance(obj, dict) else None
-
-
-def _jsonl(path: Path) -> list[dict]:
-    out = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
 
 
 def identify(run_dir: Path) -> tuple[str, str, int] | None:
@@ -92,7 +80,7 @@ def read_run(run_dir: Path) -> dict | None:
         return None
     code, method, seed = ident
     finished = bool(summary and summary.get("status") == "finished")
-    rows = _jsonl(run_dir / "metrics.jsonl")
+    rows = read_jsonl(run_dir / "metrics.jsonl")
     if not finished and code == "official":  # converted at the end: convert what is logged
         rows = official_rows_so_far(run_dir)
     bal = [(r["step"], r["balanced_acc"]) for r in rows
@@ -129,7 +117,7 @@ def read_run(run_dir: Path) -> dict | None:
 
 def official_rows_so_far(run_dir: Path) -> list[dict]:
     """metrics.jsonl rows of a running official run, converted in memory."""
-    from official_daso import convert_rows, official_output, read_jsonl
+    from official_daso import convert_rows, official_output
 
     try:
         out = official_output(run_dir)
@@ -143,7 +131,7 @@ def official_rows_so_far(run_dir: Path) -> list[dict]:
 def timing(path: Path, iterations: int) -> dict | None:
     """Wall and CPU (user + system) seconds per iteration over every attempt of a run,
     start-up and evaluations included."""
-    rows = _jsonl(path)
+    rows = read_jsonl(path)
     if not rows or not iterations:
         return None
     cpu = sum(r.get("user_s", 0) + r.get("sys_s", 0) for r in rows)

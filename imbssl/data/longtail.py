@@ -79,14 +79,10 @@ def make_longtail_split(
     num_classes: int | None = None,
 ) -> Split:
     """Hold out a class-balanced validation set, then draw disjoint long-tailed L and U sets."""
-    labels = np.asarray(labels, dtype=np.int64)
-    if labels.ndim != 1:
-        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
-    _check_params(n1, gamma_l, "n1", "gamma_l")
-    _check_params(m1, gamma_u, "m1", "gamma_u")
+    labels = _checked_labels(labels, n1, gamma_l, m1, gamma_u)
     if num_valid_per_class < 0:
         raise ValueError(f"num_valid_per_class must be >= 0, got {num_valid_per_class}")
-    k_classes = int(labels.max()) + 1 if num_classes is None else int(num_classes)
+    k_classes = _class_count(labels, num_classes)
     plan = planned_counts(n1, gamma_l, m1, gamma_u, k_classes, reverse_unlabeled,
                           num_valid_per_class)
     rng = np.random.default_rng(seed)
@@ -144,12 +140,8 @@ def make_official_daso_split(
     (RandomState.shuffle depends only on the length), so every step works on indices into
     ``labels`` directly. Returned sorted, as make_longtail_split's are.
     """
-    labels = np.asarray(labels, dtype=np.int64)
-    if labels.ndim != 1:
-        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
-    _check_params(n1, gamma_l, "n1", "gamma_l")
-    _check_params(m1, gamma_u, "m1", "gamma_u")
-    k_classes = int(labels.max()) + 1 if num_classes is None else int(num_classes)
+    labels = _checked_labels(labels, n1, gamma_l, m1, gamma_u)
+    k_classes = _class_count(labels, num_classes)
     everything = np.arange(len(labels), dtype=np.int64)
     train, valid = _official_trainval(labels, everything, num_valid_per_class, k_classes, seed)
     labeled, unlabeled = _official_x_u(labels, train, n1, m1, k_classes, seed)
@@ -204,6 +196,21 @@ def _official_imbalance(labels, pool, n_head, gamma, class_order, seed):
         rng.shuffle(members)
         kept.append(members[:int(n_head * ((1. / gamma) ** (rank / (k_classes - 1.0))))])
     return np.concatenate(kept)
+
+
+def _checked_labels(labels, n1: int, gamma_l: float, m1: int, gamma_u: float) -> np.ndarray:
+    """``labels`` as a 1-D int64 array, after the checks every split protocol shares."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+    _check_params(n1, gamma_l, "n1", "gamma_l")
+    _check_params(m1, gamma_u, "m1", "gamma_u")
+    return labels
+
+
+def _class_count(labels: np.ndarray, num_classes: int | None) -> int:
+    """K: ``num_classes`` when given, else one more than the largest label."""
+    return int(labels.max()) + 1 if num_classes is None else int(num_classes)
 
 
 def _check_params(n_head: float, gamma: float, n_name: str, g_name: str) -> None:
