@@ -10,8 +10,9 @@ and FixMatch + DASO, seeds 0, 1, 2, each trained by the official DASO code
 of seed 0 (FixMatch by both codes, then FixMatch + DASO by both), then seed 1, then seed 2,
 so that each finished pair compares one method on one seed.
 
-One training process at a time, one thread (OMP_NUM_THREADS=1; the official runner also calls
-torch.set_num_threads(1)), so that the seconds per iteration of the two codes compare. A
+One training process at a time by default (``--parallel 2``: a method's official and imbssl
+run of one seed together), each on one thread (OMP_NUM_THREADS=1; the official runner also
+calls torch.set_num_threads(1)), so that the seconds per iteration of the two codes compare. A
 finished run (summary.json status "finished") is skipped; an interrupted one resumes from its
 checkpoint (imbssl ``resume=true``; the official runner resumes by itself). A lock file in the
 runs folder refuses a second queue. A failed job is logged and retried after the others, at
@@ -101,23 +102,51 @@ def record_timing(path: Path, t0: float, usage, rc: int) -> None:
         fh.write(json.dumps(row) + "\n")
 
 
-def run_job(job: Job, runs: Path, official: Path | None) -> int:
+def start_job(job: Job, runs: Path, official: Path | None) -> tuple[subprocess.Popen, float]:
     run_dir = runs / job.name
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=str(ROOT))
     log = runs / f"{job.name}.log"
     print(f"[{time.strftime('%H:%M:%S')}] {job.name}: {run_state(run_dir)} -> training",
           flush=True)
-    t0 = time.time()
     with open(log, "a") as fh:
         proc = subprocess.Popen(command(job, run_dir, official), cwd=ROOT, env=env, stdout=fh,
                                 stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        rc = os.waitstatus_to_exitcode(status)
+    return proc, time.time()
+
+
+def finish_job(job: Job, runs: Path, t0: float, status: int, usage) -> int:
+    rc = os.waitstatus_to_exitcode(status)
     record_timing(runs / f"{job.name}.timing.jsonl", t0, usage, rc)
     print(f"[{time.strftime('%H:%M:%S')}] {job.name}: exit {rc} after "
-          f"{(time.time() - t0) / 60:.1f} min (log {log})", flush=True)
+          f"{(time.time() - t0) / 60:.1f} min (log {runs / f'{job.name}.log'})", flush=True)
     return rc
+
+
+def run_jobs(jobs: list[Job], runs: Path, official: Path | None, parallel: int,
+             attempts: int) -> None:
+    """Keep up to ``parallel`` jobs training, in matrix order; with 2, the official and the
+    imbssl run of one method and seed train at the same time, each on one thread, so their
+    seconds per iteration compare under the same load."""
+    tries = {j: 0 for j in jobs}
+    running: dict[int, tuple[Job, float, subprocess.Popen]] = {}  # kept: a dropped
+    # Popen object would be reaped by the next Popen's cleanup, and wait4 would miss it
+    while True:
+        busy = {job for job, _, _ in running.values()}
+        todo = [j for j in jobs if j not in busy and run_state(runs / j.name) != "finished"
+                and tries[j] < attempts]
+        while todo and len(running) < parallel:
+            job = todo.pop(0)
+            tries[job] += 1
+            proc, t0 = start_job(job, runs, official)
+            running[proc.pid] = (job, t0, proc)
+        if not running:
+            return
+        pid, status, usage = os.wait4(-1, 0)
+        if pid in running:
+            job, t0, proc = running.pop(pid)
+            proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+            finish_job(job, runs, t0, status, usage)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", action="append", default=[], metavar="NAME",
                    help="only the jobs whose name contains NAME (repeatable)")
     p.add_argument("--attempts", type=int, default=2)
+    p.add_argument("--parallel", type=int, default=1,
+                   help="jobs training at once, each on one thread (2: a method's official "
+                        "and imbssl run of one seed side by side)")
     args = p.parse_args(argv)
     jobs = [j for j in matrix() if not args.only or any(o in j.name for o in args.only)]
     if args.list:
@@ -141,15 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError:
         print("error: another queue holds the lock of this runs folder", file=sys.stderr)
         return 2
-    tries = {j: 0 for j in jobs}
-    while True:
-        todo = [j for j in jobs if run_state(args.runs / j.name) != "finished"
-                and tries[j] < args.attempts]
-        if not todo:
-            break
-        job = todo[0]
-        tries[job] += 1
-        run_job(job, args.runs, args.official)
+    run_jobs(jobs, args.runs, args.official, args.parallel, args.attempts)
     left = [j.name for j in jobs if run_state(args.runs / j.name) != "finished"]
     print(f"done; unfinished: {', '.join(left) or 'none'}", flush=True)
     return 0

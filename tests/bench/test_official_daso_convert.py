@@ -211,3 +211,26 @@ def test_comparison_shows_an_official_run_still_training(official_run, tmp_path)
     text = compare.write_comparison(official_run.parent, tmp_path / "out").read_text()
     assert "Runs finished: 0 of 12" in text
     assert "| official-fixmatch_daso-seed2 | 300 | 60.0 | – |" in text
+
+
+def test_queue_trains_two_jobs_at_once_and_records_each(tmp_path, monkeypatch):
+    queue = _load("official_daso_queue")
+    jobs = queue.matrix()[:3]
+    started = []
+
+    def fake_command(job, run_dir, official):
+        started.append(job.name)
+        body = ("import json, pathlib, time; d = pathlib.Path(%r); d.mkdir(); t = time.time(); "
+                "time.sleep(0.5); (d / 'summary.json').write_text(json.dumps("
+                "{'status': 'finished', 'span': [t, time.time()]}))" % str(run_dir))
+        return [sys.executable, "-c", body]
+
+    monkeypatch.setattr(queue, "command", fake_command)
+    queue.run_jobs(jobs, tmp_path, None, parallel=2, attempts=1)
+    assert started == [j.name for j in jobs]
+    for j in jobs:
+        assert queue.run_state(tmp_path / j.name) == "finished"
+        assert json.loads((tmp_path / f"{j.name}.timing.jsonl").read_text())["exit"] == 0
+    spans = [json.loads((tmp_path / j.name / "summary.json").read_text())["span"] for j in jobs]
+    assert spans[1][0] < spans[0][1]  # the first two trained at the same time
+    assert spans[2][0] >= min(spans[0][1], spans[1][1])  # the third waited for a free lane
