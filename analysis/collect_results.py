@@ -2,10 +2,11 @@
 Markdown, LaTeX) and both against gamma with mean ± std bands over seeds (also: imbssl compare).
 
 Usage: python analysis/collect_results.py MULTIRUN_DIR [RUN_DIR ...] [--metric test/top1]
-       [--stat final|median_last<k>] [--out DIR]
+       [--stat final|median_last<k>|mean_last<k>] [--out DIR]
 
-By default cells are the DASO-protocol median of the last k evaluations (k = the runs'
-trainer.summary_last) when every run has k evaluations, else the final evaluation; the
+By default cells are the runs' window statistic: the DASO-protocol median (or, where the
+runs' recipe sets trainer.summary_reduce=mean, the mean) of the last k evaluations (k = the
+runs' trainer.summary_last) when every run has k evaluations, else the final evaluation; the
 caption says which (imbssl.diagnostics.summary_stats defines both).
 """
 from __future__ import annotations

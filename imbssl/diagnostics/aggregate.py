@@ -1,9 +1,10 @@
 """Paper-style tables over many runs (a Hydra multirun folder): method x imbalance setting.
 
 Each cell is the mean and sample standard deviation (ddof=1; 0 for a single run) over seeds
-of one summary statistic of a metric, in % (``summary_stats``): by default the DASO-protocol
-median of the last k evaluations (k = the runs' ``trainer.summary_last``) when every run has
-k evaluations, else the final evaluation; the caption says which, and ``imbssl compare``
+of one summary statistic of a metric, in % (``summary_stats``): by default the runs' window
+statistic, the median (DASO protocol) or mean (``trainer.summary_reduce``) of the last k
+evaluations (k = the runs' ``trainer.summary_last``) when every run has k evaluations, else
+the final evaluation; the caption says which, and ``imbssl compare``
 warns when the runs were evaluated differently. The same is done for the tail recall (mean
 test recall of the 30% least-labeled classes), and both are plotted against gamma with
 mean ± std bands.
@@ -108,7 +109,7 @@ def run_record(run: Run, metric: str = "test/top1", stat: str = "final") -> dict
 def collect_runs(paths: Iterable[str | os.PathLike], metric: str = "test/top1",
                  stat: str | None = None) -> pd.DataFrame:
     """Per-run records of every run folder found under ``paths``, all summarised by the one
-    statistic every run has (``choose_stat``: ``stat``, or the protocol median, falling back
+    statistic every run has (``choose_stat``: ``stat``, or the runs' window statistic, falling back
     to the final evaluation); the choice is in ``records.attrs["choice"]``."""
     if stat is not None:
         parse_stat(stat)  # a clear error for an unknown name
@@ -410,11 +411,12 @@ def collect_main(argv: Sequence[str] | None = None, prog: str = "collect_results
     parser.add_argument("paths", nargs="+", help="multirun folder(s) or run folder(s)")
     parser.add_argument("--metric", default="test/top1", help="split/metric, e.g. test/top1")
     parser.add_argument("--stat", default=None,
-                        help="final, or median_last<k> (e.g. median_last20). Default: the "
-                             "DASO-protocol median_last<k>, k = the runs' "
+                        help="final, median_last<k> or mean_last<k> (e.g. median_last20). "
+                             "Default: the runs' own <trainer.summary_reduce>_last<k> (the "
+                             "DASO-protocol median unless a recipe says mean), k = the runs' "
                              "trainer.summary_last, when every run has k evaluations, else "
-                             "final. A median some run lacks falls back to final, with a "
-                             "warning")
+                             "final. A window statistic some run lacks falls back to final, "
+                             "with a warning")
     parser.add_argument("--out", default=None,
                         help="output folder (default: <MULTIRUN_DIR>/results, or ./results)")
     args = parser.parse_args(argv)

@@ -32,11 +32,12 @@ from imbssl.diagnostics.summary_stats import (
     FINAL,
     Choice,
     choose_stat,
-    median_key,
     num_evaluations,
+    parse_stat,
     run_history,
     run_statistic,
     run_window,
+    run_window_key,
     stat_text,
     statistic,
 )
@@ -153,11 +154,11 @@ def result_table(runs: Sequence[Run], labels: Sequence[str], choice: Choice) -> 
     columns = _accuracy_columns(runs, choice.stat)
     rows = [[label, *(pct(run_statistic(run, metric, st)) for _, metric, st in columns)]
             for run, label in zip(runs, labels)]
-    ks = sorted({run_window(r) for r in runs})
-    text = (f"Test accuracies in %. final = the last evaluation; {median_key(ks[0])} = "
-            f"the median of the last {ks[0]} evaluations (DASO protocol, "
-            "trainer.summary_last), shown only when every run has that many. "
-            if len(ks) == 1 else "Test accuracies in %. final = the last evaluation. ")
+    keys = sorted({run_window_key(r) for r in runs})
+    text = (f"Test accuracies in %. final = the last evaluation; {keys[0]} = "
+            f"the {stat_text(keys[0])} (trainer.summary_reduce, trainer.summary_last), "
+            "shown only when every run has that many. "
+            if len(keys) == 1 else "Test accuracies in %. final = the last evaluation. ")
     if any("posthoc_la" in metric for _, metric, _ in columns):
         text += ("Post-hoc LA: the classifier's logits minus log of the labeled class "
                  "frequencies (tau 1), from the same evaluation. ")
@@ -290,27 +291,29 @@ def text_table(table: Table) -> str:
 
 
 def metrics_table(run: Run) -> Table:
-    """Final (or last) value and median of the last k evaluations of each metric (%),
-    k = the run's trainer.summary_last; the median only where there are k values."""
-    k = run_window(run)
+    """Final (or last) value and the run's window statistic of each metric (%): the median
+    (or mean, trainer.summary_reduce) of the last k evaluations, k = the run's
+    trainer.summary_last, only where there are k values."""
+    k, key = run_window(run), run_window_key(run)
     names = list(dict.fromkeys([*run.final_metrics(), "test/top1", "test/balanced_acc"]))
     rows = [[name, pct(run_statistic(run, name, FINAL)),
-             _median_cell(run_history(run, name), k)] for name in names]
+             _window_cell(run_history(run, name), key)] for name in names]
     for name in _pseudo_metric_names(run):
         series = run.split_series(_pseudo_split(run, name), name).tolist()
-        rows.append([name, pct(series[-1]), _median_cell(series, k)])
+        rows.append([name, pct(series[-1]), _window_cell(series, key)])
     source = "metrics.jsonl" if len(run.metrics) else "summary.json"
     source += "" if run.summary else " (no summary.json yet)"
-    return Table(["metric", "final / last", median_key(k)], rows,
-                 f"In %, from {source}; {median_key(k)} = median of the last {k} values "
-                 f"(trainer.summary_last), only where there are {k}; pseudo-label metrics "
+    what = stat_text(key).replace("evaluations", "values")
+    return Table(["metric", "final / last", key], rows,
+                 f"In %, from {source}; {key} = {what} (trainer.summary_reduce, "
+                 f"trainer.summary_last), only where there are {k}; pseudo-label metrics "
                  "per logging interval.")
 
 
-def _median_cell(values: Sequence[float], k: int) -> str:
-    """The median of the last k values, or why there is none."""
-    value = statistic(values, median_key(k))
-    return pct(value) if finite(value) else f"{DASH} ({len(values)} < {k})"
+def _window_cell(values: Sequence[float], key: str) -> str:
+    """The window statistic ``key`` of the values, or why there is none."""
+    value = statistic(values, key)
+    return pct(value) if finite(value) else f"{DASH} ({len(values)} < {parse_stat(key)})"
 
 
 def _pseudo_split(run: Run, name: str) -> str:

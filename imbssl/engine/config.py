@@ -51,6 +51,9 @@ class TrainerConfig:
     checkpoint_interval: int = 500
     keep_checkpoints: int = 2
     summary_last: int = 20  # DASO protocol: median of the last 20 evaluations
+    #: median (DASO: "the median of the last 20 evaluations") | mean (the papers that report
+    #: the mean of the last k evaluations); summary.json's window block is <reduce>_last<k>
+    summary_reduce: str = "median"
     eval_batch_size: int = 1024
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
     compile: bool = False
@@ -130,14 +133,14 @@ def compose(overrides: list[str]) -> DictConfig:
 #: trainer.iterations extends (or, down to the checkpoint's step, shortens) the run: the only
 #: one that changes the remaining steps (a cosine schedule and an algorithm's phases are
 #: computed from it), which is the point of extending; log/checkpoint intervals, the number of
-#: checkpoints kept, progress bar, TensorBoard, report and the median window only change what
+#: checkpoints kept, progress bar, TensorBoard, report and the summary window only change what
 #: is written; loggers, names and notes only where it is shown; run_dir, resume and overwrite
 #: are how the folder was found. Everything else (seeds, data, model, algorithm, refiner,
 #: optimizer, batch size, evaluation interval and batch size, precision, device) is refused.
 RESUMABLE_KEYS = (
     "trainer.iterations", "trainer.log_interval", "trainer.checkpoint_interval",
     "trainer.keep_checkpoints", "trainer.progress", "trainer.tensorboard", "trainer.report",
-    "trainer.summary_last", "logger", "experiment_name", "notes", "run_dir", "resume",
+    "trainer.summary_last", "trainer.summary_reduce", "logger", "experiment_name", "notes", "run_dir", "resume",
     "overwrite",
 )
 _MISSING = object()

@@ -112,7 +112,8 @@ class PeriodicWork:
 
     def summary(self, status: str, error: str | None = None) -> dict:
         out = {"status": status, "step": self.step_count,
-               **summarize(self.eval_history, self.tcfg.summary_last)}
+               **summarize(self.eval_history, self.tcfg.summary_last,
+                          self.tcfg.summary_reduce)}
         if error:
             out["error"] = error
         if self._missing:  # evaluations or report parts that failed (training went on)
@@ -122,7 +123,8 @@ class PeriodicWork:
     def _print_final(self) -> None:
         metrics = self._last_test["metrics"]
         print(format_per_class_table(metrics, self.data.class_names, self.data.labeled_counts))
-        print(console_lines(self.eval_history, self.tcfg.summary_last, metrics))
+        print(console_lines(self.eval_history, self.tcfg.summary_last, metrics,
+                            self.tcfg.summary_reduce))
         print(f"run folder: {self.run_dir}")
 
     def _append_metrics(self, row: dict) -> None:

@@ -101,6 +101,8 @@ def check_trainer(t: Any) -> None:
          ">= 0 (0: never)"),
         (t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, ">= 1"),
         (t.summary_last >= 1, "trainer.summary_last", t.summary_last, ">= 1"),
+        (t.summary_reduce in ("median", "mean"), "trainer.summary_reduce", t.summary_reduce,
+         "median or mean"),
         (t.eval_batch_size >= 1, "trainer.eval_batch_size", t.eval_batch_size, ">= 1"),
         (t.precision in ("auto", "bf16", "fp16", "fp32"), "trainer.precision", t.precision,
          "one of auto, bf16, fp16, fp32"),

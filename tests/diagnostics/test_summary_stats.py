@@ -17,6 +17,8 @@ from imbssl.diagnostics.summary_stats import (
     console_lines,
     median_last,
     parse_stat,
+    stat_text,
+    statistic,
     summarize,
 )
 
@@ -26,14 +28,14 @@ PLAIN = [0.10, *[0.789] * 10, 0.854]
 DASO = [0.10, 0.30, 0.45, 0.55, 0.62, 0.70, 0.75, 0.80, 0.83, 0.85, 0.87, 0.88]
 
 
-def write_run(run_dir, curve, pseudo, k=20, every=50):
+def write_run(run_dir, curve, pseudo, k=20, every=50, reduce="median"):
     """A run folder as the trainer writes it: config, test rows, summary.json."""
     run_dir.mkdir(parents=True)
     config = {"seed": 0, "algorithm": {"name": "fixmatch"}, "pseudo": {"name": pseudo},
               "dataset": {"name": "digits_lt", "n1": 30, "m1": 90, "gamma_l": 10,
                           "gamma_u": 10, "reverse_unlabeled": False},
               "trainer": {"iterations": every * len(curve), "eval_interval": every,
-                          "summary_last": k}}
+                          "summary_last": k, "summary_reduce": reduce}}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     log = RunLog(run_dir)
     history = {"test/top1": [], "test/balanced_acc": []}
@@ -43,7 +45,7 @@ def write_run(run_dir, curve, pseudo, k=20, every=50):
         history["test/top1"].append(value)
         history["test/balanced_acc"].append(value)
     log.write_summary({"status": "finished", "step": every * len(curve),
-                       **summarize(history, k)})
+                       **summarize(history, k, reduce)})
     return run_dir
 
 
@@ -125,3 +127,41 @@ def test_runs_evaluated_differently_are_warned_about(tmp_path):
     assert any("evaluated differently" in w and "a: 50, b: 100" in w for w in choice.warnings)
     mixed = choose_stat([read_run(long), read_run(tmp_path / "b")], "final", ["a", "b"])
     assert mixed.stat == "final"
+
+
+# ------------------------------------------------ mean of the last k (recipe: summary_reduce)
+def test_mean_window_is_its_own_statistic():
+    assert parse_stat("mean_last20") == 20
+    assert stat_text("mean_last3") == "mean of the last 3 evaluations"
+    assert statistic([0.1, 0.5, 0.6, 0.9], "mean_last3") == pytest.approx(2.0 / 3)
+    assert statistic([0.1, 0.5, 0.6, 0.9], "median_last3") == pytest.approx(0.6)
+    assert math.isnan(statistic([0.5, 0.6], "mean_last3"))
+    out = summarize({"test/top1": [0.1, 0.5, 0.6, 0.9]}, 3, "mean")
+    assert out["mean_last3"]["test/top1"] == pytest.approx(2.0 / 3)
+    assert "median_last3" not in out and out["summary_reduce"] == "mean"
+    assert "summary_reduce" not in summarize({"test/top1": [0.1]}, 3)  # median: as before
+    with pytest.raises(ValueError, match="mean_last<k>"):
+        parse_stat("average_last20")
+
+
+def test_runs_with_a_mean_recipe_rank_by_their_mean(tmp_path):
+    curve_a = [0.1, 0.2, 0.9, 0.3, 0.3]  # mean of last 3: 0.5, median 0.3
+    curve_b = [0.1, 0.2, 0.4, 0.4, 0.4]  # mean 0.4, median 0.4
+    runs = [read_run(write_run(tmp_path / name, c, "none", k=3, reduce="mean"))
+            for name, c in (("a", curve_a), ("b", curve_b))]
+    choice = choose_stat(runs, labels=["a", "b"])
+    assert choice.stat == "mean_last3" and not choice.warnings
+    records = collect_runs([tmp_path], metric="test/balanced_acc")
+    assert records.attrs["choice"].stat == "mean_last3"
+    report = build_report([tmp_path / "a", tmp_path / "b"], tmp_path / "report")[1].read_text()
+    assert "mean of the last 3 evaluations" in report and "median_last3" not in report
+    line = console_lines({"test/balanced_acc": curve_a}, 3, reduce="mean")
+    assert "mean_last3" in line and "50.00%" in line
+
+
+def test_runs_with_different_reductions_are_warned_and_share_the_median(tmp_path):
+    a = read_run(write_run(tmp_path / "a", [0.1, 0.2, 0.3], "none", k=3, reduce="mean"))
+    b = read_run(write_run(tmp_path / "b", [0.1, 0.2, 0.3], "none", k=3))
+    choice = choose_stat([a, b], labels=["a", "b"])
+    assert choice.stat == "median_last3"
+    assert any("trainer.summary_reduce (a: mean, b: median)" in w for w in choice.warnings)
