@@ -9,10 +9,12 @@ Only finished runs count; the others are listed with their last logged step.
 """
 from __future__ import annotations
 
+import calendar
 import csv
 import json
 import math
 import statistics
+import time
 from pathlib import Path
 
 from official_daso import read_jsonl  # beside this file (analysis/ is on sys.path)
@@ -139,7 +141,28 @@ def timing(path: Path, iterations: int) -> dict | None:
     user = sum(r.get("user_s", 0) for r in rows)
     return {"cpu_s_per_it": cpu / iterations, "wall_s_per_it": wall / iterations,
             "user_s_per_it": user / iterations,
-            "attempts": len(rows), "starts": [r.get("start") for r in rows]}
+            "attempts": len(rows), "starts": [r.get("start") for r in rows],
+            "spans": [span for r in rows if (span := _span(r)) is not None]}
+
+
+def _span(row: dict) -> tuple[float, float] | None:
+    """(start, end) of one attempt in seconds since the epoch (UTC start + wall)."""
+    try:
+        start = calendar.timegm(time.strptime(row["start"], "%Y-%m-%dT%H:%M:%S"))
+        return float(start), float(start) + float(row["wall_s"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def shared_share(a: dict | None, b: dict | None) -> float | None:
+    """The share of the two runs' training time (the shorter one's) during which both were
+    training: 1 when the queue ran them side by side, 0 when one after the other."""
+    if not a or not b or not a.get("spans") or not b.get("spans"):
+        return None
+    both = sum(max(0.0, min(e1, e2) - max(s1, s2))
+               for s1, e1 in a["spans"] for s2, e2 in b["spans"])
+    shorter = min(sum(e - s for s, e in x["spans"]) for x in (a, b))
+    return both / shorter if shorter > 0 else None
 
 
 def read_runs(runs: Path) -> list[dict]:
@@ -350,14 +373,17 @@ def render(records: list[dict], figure: str) -> str:
                            "%)")
     out += ["## Seconds per iteration (CPU time)", "",
             "Each run is one process with one thread (OMP_NUM_THREADS=1, torch.set_num_threads(1))"
-            ", run one at a time by the queue on the same 2-core machine, shared with other "
-            "work, so wall time depends on the load; CPU seconds (user + system, of the whole "
+            " on the same 2-core machine, shared with other work: seed 0's runs one at a "
+            "time, later seeds with the official and the imbssl run of a method side by side "
+            "(the queue's --parallel 2; column 'together': the share of the shorter run's "
+            "wall time during which both trained). Wall time depends on the load; CPU seconds (user + system, of the whole "
             "run: start-up, data loading and augmentation, training and 20 evaluations on the "
             "test and validation images, divided by 2000) are the measure that compares. The "
             "ratio is official / imbssl for the same method and seed; it is a CPU ratio, not a "
             "GPU one.", "",
             "| method | seed | official CPU s/it | imbssl CPU s/it | ratio | ratio of user time "
-            "only | official wall s/it | imbssl wall s/it |", "|---|---|---|---|---|---|---|---|"]
+            "only | official wall s/it | imbssl wall s/it | together |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for method in METHODS:
         for seed in sorted({r["seed"] for r in done}):
             pair = {r["code"]: r for r in done if r["method"] == method and r["seed"] == seed}
@@ -374,9 +400,14 @@ def render(records: list[dict], figure: str) -> str:
                     if t["official"] and t["imbssl"] else "–")
             out.append(f"| {METHOD_TITLES[method]} | {seed} | {cell('official', 'cpu_s_per_it')}"
                        f" | {cell('imbssl', 'cpu_s_per_it')} | {ratio} | {user} | "
-                       f"{cell('official', 'wall_s_per_it')} | {cell('imbssl', 'wall_s_per_it')} |")
+                       f"{cell('official', 'wall_s_per_it')} | {cell('imbssl', 'wall_s_per_it')} | "
+                       f"{_share_cell(shared_share(t['official'], t['imbssl']))} |")
     out.append("")
     return "\n".join(out)
+
+
+def _share_cell(share: float | None) -> str:
+    return "–" if share is None else f"{100 * share:.0f} %"
 
 
 def write_comparison(runs: Path, out: Path) -> Path:

@@ -234,3 +234,17 @@ def test_queue_trains_two_jobs_at_once_and_records_each(tmp_path, monkeypatch):
     spans = [json.loads((tmp_path / j.name / "summary.json").read_text())["span"] for j in jobs]
     assert spans[1][0] < spans[0][1]  # the first two trained at the same time
     assert spans[2][0] >= min(spans[0][1], spans[1][1])  # the third waited for a free lane
+
+
+def test_comparison_says_whether_a_pair_trained_at_the_same_time(tmp_path):
+    compare = _load("official_daso_compare")
+    rows = {"a": [{"start": "2026-12-07T10:00:00", "wall_s": 600, "user_s": 1, "sys_s": 0}],
+            "b": [{"start": "2026-12-07T10:05:00", "wall_s": 600, "user_s": 1, "sys_s": 0}],
+            "c": [{"start": "2026-12-07T11:00:00", "wall_s": 60, "user_s": 1, "sys_s": 0}]}
+    t = {}
+    for name, lines in rows.items():
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in lines))
+        t[name] = compare.timing(tmp_path / name, 2000)
+    assert compare.shared_share(t["a"], t["b"]) == pytest.approx(0.5)
+    assert compare.shared_share(t["a"], t["c"]) == 0.0
+    assert compare.shared_share(t["a"], None) is None
