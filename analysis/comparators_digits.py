@@ -46,13 +46,16 @@ class Row:
 
     label: str
     overrides: tuple[str, ...]
-    #: the DASO paper's CIFAR-10-LT value for orientation: (where, value %), or None
+    #: the published CIFAR-10-LT value for orientation: (where, value %), or None; from the
+    #: DASO paper unless ``source`` names the method's own paper (read from its text)
     paper: tuple[str, float] | None = None
     #: a row whose finished run (same seed) this row starts from (``{after}`` in overrides)
     after: str | None = None
     #: a row whose runs this row is read from (their post-hoc LA metric): trains nothing
     reads: str | None = None
     notes: tuple[str, ...] = field(default=())
+    #: the paper ``paper`` is read from, when it is not the DASO paper (e.g. "Adsh, ICML 2022")
+    source: str | None = None
 
 
 def _daso(*extra: str) -> tuple[str, ...]:
@@ -215,7 +218,7 @@ def table(records: list[dict], rows: dict[str, Row]) -> str:
 
     lines = ["| method | seeds | digits-LT bal. acc. (median) | bal. acc. (final) "
              "| tail recall (median) | Δ bal. acc. vs. the same without DASO "
-             "| DASO paper, CIFAR-10-LT (where) |", "| --- |" + " --- |" * 6]
+             "| published, CIFAR-10-LT (where) |", "| --- |" + " --- |" * 6]
     for label, row in rows.items():
         med = vals(label, "bal_acc_median")
         if not med:
@@ -226,7 +229,9 @@ def table(records: list[dict], rows: dict[str, Row]) -> str:
              if base_med else "–")
         seeds = ",".join(str(r["seed"]) for r in sorted(
             (r for r in records if r["method"] == label), key=lambda r: r["seed"]))
-        paper = f"{row.paper[1]:.1f} ({row.paper[0]})" if row.paper else "–"
+        where = f"{row.source}: {row.paper[0]}" if row.paper and row.source else (
+            row.paper[0] if row.paper else "")
+        paper = f"{row.paper[1]:.1f} ({where})" if row.paper else "–"
         lines.append(f"| `{label}` | {seeds} | {cell(med)} | {cell(vals(label, 'bal_acc_final'))} "
                      f"| {cell(vals(label, 'tail_recall_median'))} | {d} | {paper} |")
     return "\n".join(lines)
@@ -255,8 +260,9 @@ the seeds of the balanced accuracy (%), *median* = median of the last {t['summar
 evaluations (every {t['eval_interval']} iterations), *final* = the last evaluation, *tail* =
 the 3 classes with the fewest labels (digits {', '.join(map(str, r0['tail_classes']))}).
 Right: the value the DASO paper (Oh et al., CVPR 2022) prints for the same method on
-CIFAR-10-LT with WRN-28-2 and 250k iterations, for orientation only; "–" where the paper has
-no such row.
+CIFAR-10-LT with WRN-28-2 and 250k iterations or, where the cell names another paper, the
+value the method's own paper prints (its table and setting named; its own protocol), for
+orientation only; "–" where no paper has such a row.
 
 {table(records, rows)}
 {chr(10) + note + chr(10) if note else ""}
