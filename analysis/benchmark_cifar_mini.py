@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from imbssl.diagnostics.logfile import read_per_class  # noqa: E402
+from imbssl.diagnostics.logfile import read_jsonl, read_per_class  # noqa: E402
 
 ROW_PREFIX = "mini/cifar10_lt_g100_n1500"
 SETTINGS = {"consistent": "", "uniform": "_uniform", "reversed": "_reversed"}
@@ -225,25 +225,11 @@ def _last_step_values(pc, source: str, kind: str, metric: str) -> dict[int, floa
     return {int(c): float(v) for c, v in zip(last["class"], last["value"])}
 
 
-def _metrics_rows(run_dir: Path) -> list[dict]:
-    rows = []
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return rows
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            pass
-    return rows
-
-
 def curve_values(run_dir: Path, at_step: int, last: int, total: int) -> dict:
     """Test balanced accuracy at ``at_step`` (DASO's warm-up end: before it, +DASO and the
     plain algorithm differ only by the EMA forward that fills the queues) and the mask ratio
     averaged over the logged intervals of the last ``last`` iterations."""
-    rows = _metrics_rows(run_dir)
+    rows = read_jsonl(run_dir / "metrics.jsonl")
     at = [r["balanced_acc"] for r in rows if r.get("split") == "test" and r["step"] == at_step]
     masks = [r["mask/ratio"] for r in rows if r.get("split") == "train"
              and "mask/ratio" in r and r["step"] > total - last]

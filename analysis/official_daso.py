@@ -35,6 +35,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from imbssl.diagnostics.logfile import read_jsonl  # noqa: E402  (one reader, re-exported)
+
 RUNS = ROOT / "analysis/results/official_side_by_side_runs"
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                "truck")
@@ -44,21 +47,6 @@ OFFICIAL_REPO = "github.com/ytaek-oh/daso"
 
 
 # ----------------------------------------------------------------------------- reading
-def read_jsonl(path: Path) -> list[dict]:
-    """The JSON rows of a .jsonl file, skipping a line cut short; [] when it is missing."""
-    rows = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return rows
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            pass
-    return rows
-
-
 def official_output(run_dir: Path) -> Path:
     """The official experiment folder (default_setup's OUTPUT_DIR/<experiment name>)."""
     found = sorted(p.parent for p in (run_dir / "official_output").glob("*/metrics.json"))

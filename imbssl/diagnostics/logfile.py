@@ -105,6 +105,19 @@ def _complete_text(path: Path) -> str:
     return text[: text.rfind("\n") + 1]
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The JSON rows of a JSON-lines file; a line that is not JSON (a write cut short) is
+    skipped, and a missing file has none."""
+    path, rows = Path(path), []
+    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    for line in text.splitlines():  # a last line without its newline counts when it parses
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
     """metrics.jsonl as a DataFrame (columns step, split, metrics...). Lines that are not JSON
     (a write cut short) are skipped; a JSON row with a step, split or value of the wrong

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imbssl.bench.validate.common import FINISH_RESERVE_S, REPO, Context, failed, passed, skipped
+from imbssl.diagnostics.logfile import read_jsonl
 
 
 @dataclass
@@ -44,16 +45,6 @@ def start_training(ctx: Context) -> TrainingRun | dict:
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     now = time.monotonic()
     return TrainingRun(proc, run_dir, log, now, now + seconds, ov)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The complete rows of a JSON-lines file (a line cut short by a stop is left out)."""
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                rows.append(json.loads(line))
-    return rows
 
 
 def accuracy_curve(run_dir: Path) -> dict:
