@@ -186,3 +186,43 @@ def test_an_interrupted_and_resumed_run_ends_exactly_like_an_uninterrupted_one(t
         return [r for r in rows if r["split"] == "test"]
 
     assert evaluations(straight)[-2:] == evaluations(resumed)[-2:]
+
+
+def test_rows_are_generated_and_compose():
+    """configs/experiment/_generate_tras.py: TRAS (+ DASO) in the DASO paper's CIFAR-10-LT
+    gamma-100 settings and TRAS in its official run.sh setting; each composes."""
+    from imbssl.cli import compose
+    from imbssl.engine.config import experiment_generator
+
+    gen = experiment_generator("_generate_tras")
+    assert gen.main(["--check"]) == 0, "run: python configs/experiment/_generate_tras.py"
+    daso_settings = [f"cifar10_lt_g100_n{n}{m}" for n in (500, 1500)
+                     for m in ("", "_uniform", "_reversed")]
+    want = {f"{s}_tras{d}" for s in daso_settings for d in ("", "_daso")}
+    want.add("cifar10_lt_g100_n1000_tras")
+    assert set(gen.rows()) == want
+    for name in sorted(want):
+        cfg = compose([f"experiment={name}"])
+        assert cfg.experiment_name == name and cfg.model.name == "wrn28_2"
+        assert cfg.trainer.iterations == 250000
+        a = cfg.algorithm
+        assert (a.name, a.uratio, a.transfer_a, a.transfer_b, a.epoch_iters,
+                a.warmup_epochs) == ("tras", 1, 2.0, 2.0, 500, 10)
+        daso = name.endswith("_daso")
+        assert (cfg.pseudo.name == "daso") == daso
+        d = cfg.dataset
+        assert d.reverse_unlabeled == ("_reversed" in name)
+        assert d.gamma_u == (1 if "_uniform" in name else d.gamma_l)
+        if daso:
+            assert cfg.pseudo.dist_temperature == (0.3 if ("_uniform" in name or "_reversed"
+                                                           in name) else 1.5)
+    own = compose(["experiment=cifar10_lt_g100_n1000_tras"]).dataset
+    assert (own.n1, own.m1, own.gamma_l, own.gamma_u) == (1000, 4000, 100, 100)
+
+
+@pytest.mark.parametrize("name", ["tras"])
+def test_yaml_restates_every_default_with_a_source(name):
+    """configs/algorithm/tras.yaml: every field, equal to its default, with a source."""
+    from .test_abc import test_yaml_restates_every_default_with_a_source as check
+
+    check(name)
