@@ -124,6 +124,10 @@ ROWS: list[Row] = [
                          ("saw", ("algorithm=saw", "algorithm.epoch_iters=20")),
                          ("debiaspl", ("algorithm=debiaspl", "algorithm.qhat_momentum=0.99")))
       for daso in (False, True)],
+    # TRAS (issue 29): its 500-iteration epoch -> 20 iterations (as ACR's): student from 220
+    *[Row(f"tras{'+daso' if daso else ''}", ("algorithm=tras", "algorithm.epoch_iters=20",
+                                             *(_daso() if daso else ("pseudo=none",))))
+      for daso in (False, True)],
 ]
 
 

@@ -62,6 +62,8 @@ def _cases() -> dict[str, list[str]]:
     cases["fixmatch_la_posthoc"] = ["algorithm=fixmatch", "algorithm.logit_adjust=posthoc",
                                     "pseudo=none"]
     cases["fixmatch_darp"] = ["algorithm=fixmatch", "pseudo=darp", "pseudo.per_iters=2"]
+    cases["tras_student"] = ["algorithm=tras", "algorithm.epoch_iters=3",
+                             "algorithm.warmup_epochs=1", "pseudo=none"]
     cases["crt"] = ["algorithm=crt", "pseudo=none", "algorithm.init_from=<fixmatch>"]
     return cases
 
