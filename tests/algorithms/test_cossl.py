@@ -119,3 +119,21 @@ def test_bad_values_are_one_line_errors(tiny_cfg, override, field):
     with pytest.raises(UserError, match=field) as err:
         Trainer(tiny_cfg("algorithm=cossl", "pseudo=none", override))
     assert "\n" not in str(err.value)
+
+
+def test_rows_are_generated_and_compose():
+    from imbssl.cli import compose
+    from imbssl.engine.config import experiment_generator
+
+    gen = experiment_generator("_generate_cossl")
+    assert gen.main(["--check"]) == 0, "run: python configs/experiment/_generate_cossl.py"
+    rows = gen.rows()
+    # the DASO paper's 8 CIFAR-10-LT settings and CoSSL's gamma 50, each +/- DASO
+    assert len(rows) == 18 and "cifar10_lt_g50_n1500_cossl" in rows
+    for name in rows:
+        cfg = compose([f"experiment={name}", "seed=3"])
+        assert cfg.experiment_name == name and cfg.algorithm.name == "cossl"
+        assert cfg.model.name == "wrn28_2" and cfg.trainer.iterations == 250000
+        assert (cfg.pseudo.name == "daso") == name.endswith("_daso")
+    g50 = compose(["experiment=cifar10_lt_g50_n1500_cossl"]).dataset
+    assert (g50.n1, g50.m1, g50.gamma_l, g50.gamma_u) == (1500, 3000, 50, 50)
