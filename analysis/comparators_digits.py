@@ -121,6 +121,9 @@ ROWS: list[Row] = [
                          ("saw", ("algorithm=saw", "algorithm.epoch_iters=20")),
                          ("debiaspl", ("algorithm=debiaspl", "algorithm.qhat_momentum=0.99")))
       for daso in (False, True)],
+    # CoSSL (issue 29), not in the DASO paper: FixMatch for 80% of the run, then co-learning
+    *[Row(f"cossl{'+daso' if daso else ''}", ("algorithm=cossl", *(_daso() if daso else (
+        "pseudo=none",)))) for daso in (False, True)],
 ]
 
 
