@@ -69,14 +69,12 @@ def tfe_mix(feats_x: Tensor, labels_x: Tensor, feats_u: Tensor, mixed: Tensor,
     return torch.where(mixed.unsqueeze(1), blend, feats_x)
 
 
-def tfe_draws(labels_x: Tensor, tfe_prob: Tensor, max_lam: float,
-              generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """(mixed, lam) of ``tfe_mix``: ``u < tfe_prob[y]`` and ``lam ~ U(max_lam, 1)`` per row,
-    drawn on the CPU from ``generator``."""
-    n = len(labels_x)
+def tfe_draws(n: int, max_lam: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """(u, lam) of ``n`` rows for ``tfe_mix``: a row of class y mixes where ``u < tfe_prob[y]``
+    (``u ~ U(0, 1)``), with ``lam ~ U(max_lam, 1)``; drawn on the CPU from ``generator``."""
     u = torch.rand(n, generator=generator)
     lam = max_lam + (1 - max_lam) * torch.rand(n, generator=generator)
-    return u < tfe_prob.cpu()[labels_x.cpu()], lam
+    return u, lam
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -335,8 +333,9 @@ class CoSSL(FixMatch):
         with torch.no_grad():
             both = aug.strong(torch.cat([x, u]), self.aug_gen)
             feats_x, feats_u = ema_model(both).features.float().split([len(x), len(u)])
-            mixed, lam = tfe_draws(y, self.tfe_prob, self.cfg.max_lam, self.draw_gen)
-            feats = tfe_mix(feats_x, y, feats_u, mixed.to(y.device), lam.to(y.device))
+            u, lam = (v.to(y.device) for v in tfe_draws(len(y), self.cfg.max_lam,
+                                                         self.draw_gen))
+            feats = tfe_mix(feats_x, y, feats_u, u < self.tfe_prob[y], lam)
         logits = head(feats.to(head.weight.dtype))
         loss = soft_cross_entropy(logits, F.one_hot(y, self.num_classes).float())
         acc = (logits.detach().argmax(1) == y).float().mean()
