@@ -23,8 +23,10 @@ classifier loss (its inputs are detached EMA features), and the encoder's only f
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -233,22 +235,25 @@ class CoSSL(FixMatch):
         return {"cossl/tfe_features": len(feats), "cossl/warm_loss": loss}
 
     def _warm_draws(self, k: int, n_k: int, size: int) -> tuple[Tensor, Tensor]:
-        """Warm-up TFE draws: ``size`` indices among ``n_k`` (with replacement), lam ~ Beta."""
+        """Warm-up TFE draws: ``size`` indices among ``n_k`` (with replacement), lam ~ Beta
+        (numpy's Beta sampler seeded from the algorithm's generator: no global RNG moves)."""
         a_idx = torch.randint(n_k, (size,), generator=self.draw_gen)
-        beta = torch.distributions.Beta(self.cfg.tfe_beta, self.cfg.tfe_beta)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=self.draw_gen)))
-            lam = beta.sample((size,))
-        return a_idx, lam
+        seed = int(torch.randint(2**31, (1,), generator=self.draw_gen))
+        lam = np.random.RandomState(seed).beta(self.cfg.tfe_beta, self.cfg.tfe_beta, size)
+        return a_idx, torch.as_tensor(lam, dtype=torch.float32)
 
     def _fresh_heads(self, device) -> tuple[nn.Linear, nn.Linear]:
-        """A freshly initialised classifier (official ``model.output.reset_parameters()``, the
-        nn.Linear default) and its EMA copy, from the algorithm's generator."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(2**62, (1,), generator=self.draw_gen)))
-            head = nn.Linear(self.feat_dim, self.num_classes)
-        head = head.to(device)
-        ema_head = nn.Linear(self.feat_dim, self.num_classes).to(device)
+        """A freshly initialised classifier (official ``model.output.reset_parameters()``: the
+        nn.Linear default, Kaiming-uniform weight, uniform bias in +-1/sqrt(D)) from the
+        algorithm's generator, and its EMA copy."""
+        with torch.random.fork_rng(devices=[]):  # the constructor's own init leaves no trace
+            head, ema_head = nn.Linear(self.feat_dim, self.num_classes), nn.Linear(
+                self.feat_dim, self.num_classes)
+        bound = 1 / math.sqrt(self.feat_dim)
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(head.weight, a=math.sqrt(5), generator=self.draw_gen)
+            nn.init.uniform_(head.bias, -bound, bound, generator=self.draw_gen)
+        head, ema_head = head.to(device), ema_head.to(device)
         ema_head.load_state_dict(head.state_dict())
         ema_head.requires_grad_(False)
         return head, ema_head
