@@ -35,6 +35,7 @@ from imbssl.algorithms import register
 from imbssl.algorithms.abc import linear_head
 from imbssl.algorithms.base import Batch, StepState, TrainingData, reject_setting
 from imbssl.algorithms.fixmatch import FixMatch, FixMatchConfig, fixmatch_mask
+from imbssl.collectives import all_reduce_mean
 from imbssl.data.device_loader import BatchStream, ClassBalancedStream, TensorSet
 from imbssl.pseudo.base import add_extra_loss
 
@@ -228,7 +229,9 @@ class CoSSL(FixMatch):
         head, ema_head = self._fresh_heads(feats.device)
         with torch.enable_grad():
             loss = train_warm_classifier(head, ema_head, feats, targets, self.cfg, self.draw_gen)
-        with torch.no_grad():
+        with torch.no_grad():  # processes agree to the bit (identity for one process)
+            for part in (*head.parameters(), *ema_head.parameters()):
+                part.copy_(all_reduce_mean(part))
             model.heads[COSSL_HEAD].load_state_dict(head.state_dict())
             ema_model.heads[COSSL_HEAD].load_state_dict(ema_head.state_dict())
         self.co_learning = True
