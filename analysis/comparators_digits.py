@@ -128,6 +128,9 @@ ROWS: list[Row] = [
     *[Row(f"tras{'+daso' if daso else ''}", ("algorithm=tras", "algorithm.epoch_iters=20",
                                              *(_daso() if daso else ("pseudo=none",))))
       for daso in (False, True)],
+    # CoSSL (issue 29), not in the DASO paper: FixMatch for 80% of the run, then co-learning
+    *[Row(f"cossl{'+daso' if daso else ''}", ("algorithm=cossl", *(_daso() if daso else (
+        "pseudo=none",)))) for daso in (False, True)],
 ]
 
 

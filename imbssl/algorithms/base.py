@@ -96,6 +96,21 @@ class StepState:
 
 
 @dataclass
+class TrainingData:
+    """What the trainer lends a method that draws its own batches or features beside the
+    step's (``attach_data``): the initial labeled and the unlabeled set (``TensorSet``, on the
+    training device), the augmenter, the run's seed, the global labeled batch size and the
+    evaluation batch size."""
+
+    labeled: object
+    unlabeled: object
+    augmenter: object
+    seed: int
+    batch_size: int
+    eval_batch_size: int
+
+
+@dataclass
 class LabeledSetUpdate:
     """The labeled set from now on: the initial labeled images plus the unlabeled images
     ``indices`` labeled ``labels`` (replacing earlier additions); ``restart`` re-initialises
@@ -208,6 +223,21 @@ class Algorithm(nn.Module):
                            total: int) -> LabeledSetUpdate:
         """The new labeled set from the EMA model's (N_u, K) probabilities on the unlabeled set."""
         raise NotImplementedError(f"{type(self).__name__} does not change the labeled set")
+
+    def attach_data(self, data: TrainingData) -> None:
+        """The training data, handed over once after construction (before a resume loads the
+        algorithm's state); a method that samples its own batches keeps it (CoSSL's
+        class-balanced classifier stream). No-op by default."""
+
+    def phase_switch_due(self, step: int, total: int) -> bool:
+        """Whether the method's next phase starts after ``step`` finished steps (called after
+        the step's evaluation, before its checkpoint)."""
+        return False
+
+    def switch_phase(self, model: nn.Module, ema_model: nn.Module) -> dict:
+        """Start the next phase (CoSSL: the classifier warm-up between pre-training and
+        co-learning); returns numbers logged to metrics.jsonl (split ``phase``)."""
+        raise NotImplementedError(f"{type(self).__name__} has one phase")
 
     def eval_logits(self, output) -> Tensor:
         """The logits evaluation takes the argmax of, from the network's output: the

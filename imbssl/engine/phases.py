@@ -2,7 +2,8 @@
 than the dataset and a fresh network. ``init_from`` loads a finished run's weights before the
 first step (cRT); ``labeled_update_due`` / ``update_labeled_set`` replace the labeled set with
 pseudo-labeled unlabeled images between steps (CReST's generations), optionally restarting
-network, EMA and optimizer. The trainer calls these hooks without knowing the method."""
+network, EMA and optimizer; ``phase_switch_due`` / ``switch_phase`` start a method's next
+phase between steps (CoSSL's classifier warm-up before co-learning). The trainer calls these hooks without knowing the method."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -63,6 +64,12 @@ class DataPhases:
             out.append(torch.softmax(logits.float(), dim=-1))
         model.train(was_training)
         return torch.cat(out)
+
+    def switch_phase(self) -> None:
+        """The algorithm's next phase starts (``switch_phase`` on the network and its EMA);
+        what it reports goes to metrics.jsonl (split ``phase``)."""
+        logs = self.algo.switch_phase(self.model, self.ema.model)
+        self._append_metrics({"step": self.step_count, "split": "phase", **logs})
 
     def update_labeled_set(self) -> None:
         """Ask the algorithm for its new labeled set, switch the labeled stream to it (and

@@ -46,6 +46,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from imbssl.algorithms import Batch, StepState, algorithm_class, get_algorithm
+from imbssl.algorithms.base import TrainingData
 from imbssl.data import DataError, DatasetConfig, build_data
 from imbssl.data.device_loader import make_stream
 from imbssl.diagnostics.logfile import RunLog
@@ -196,6 +197,9 @@ class Trainer(RunState, PeriodicWork, DataPhases, ScalarLog, Stops):
                                             self.device)
         self.aug_gen = torch.Generator(device=self.device)
         self.aug_gen.manual_seed(seed * 1000 + 3)
+        self.algo.attach_data(TrainingData(self.data.labeled, self.data.unlabeled,
+                                           self.data.augmenter, seed, bs,
+                                           self.tcfg.eval_batch_size))
 
     # ----------------------------------------------------------------- setup helpers
     @staticmethod
@@ -296,6 +300,8 @@ class Trainer(RunState, PeriodicWork, DataPhases, ScalarLog, Stops):
                 self._evaluate_or_note()  # EMA model on test/valid, pseudo-label diagnostics
             if self.algo.labeled_update_due(step, t.iterations):  # after evaluating (CReST)
                 self.update_labeled_set()  # label_predictor on U -> a new labeled set
+            if self.algo.phase_switch_due(step, t.iterations):  # (CoSSL's co-learning)
+                self.switch_phase()
             if due(step, t.checkpoint_interval, t.iterations):
                 self.save()
             if step < t.iterations and self._preemption_requested():

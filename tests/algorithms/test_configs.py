@@ -12,7 +12,7 @@ from imbssl.algorithms import get_algorithm
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "algorithm"
 NAMES = ["supervised", "fixmatch", "mixmatch", "remixmatch", "simmatch", "meanteacher",
-         "pseudolabel", "adsh", "saw", "debiaspl"]
+         "pseudolabel", "adsh", "saw", "debiaspl", "cossl"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,0 +1,140 @@
+"""CoSSL: the TFE draws and mixing, the phase switch (warm-up, the balanced classifier in both
+networks, evaluation through it), the co-learning step's pseudo-labels from the teacher head on
+the EMA features, exact resume before, at and after the switch, DASO composition, refusals."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from imbssl.algorithms import StepState
+from imbssl.algorithms.cossl import COSSL_HEAD, tfe_draws, tfe_mix
+from imbssl.engine.checkpoint import state_differences
+from imbssl.engine.trainer import Trainer
+from imbssl.errors import UserError
+
+from .conftest import make_batch, make_setup
+
+QUIET = ["trainer.report=false", "trainer.tensorboard=false"]
+TINY = ["trainer.batch_size=8", "trainer.log_interval=2", "trainer.progress=false", "device=cpu"]
+#: 12 steps, co-learning after step 6, a checkpoint every 3 steps (3: before, 6: at the switch)
+RUN = ["algorithm=cossl", "algorithm.pretrain_fraction=0.5", "algorithm.warm_iterations=20",
+       "algorithm.warm_batch_size=16", "trainer.iterations=12", "trainer.eval_interval=3",
+       "trainer.checkpoint_interval=3", "trainer.keep_checkpoints=10",
+       "trainer.deterministic=true", *QUIET]
+
+
+def test_tfe_draws_mix_tail_rows_only():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 1] * 500)
+    u, lam = tfe_draws(len(labels), 0.6, gen)
+    mixed = u < torch.tensor([0.0, 0.9])[labels]
+    assert not mixed[labels == 0].any()  # the largest class never mixes
+    assert 0.85 < mixed[labels == 1].float().mean() < 0.95
+    assert bool(((lam >= 0.6) & (lam <= 1.0)).all())
+    x, u = torch.ones(2, 3), torch.zeros(4, 3)
+    out = tfe_mix(x, torch.tensor([0, 1]), u, torch.tensor([False, True]), torch.tensor([0.5, 0.7]))
+    assert torch.equal(out, torch.tensor([[1.0] * 3, [0.7] * 3]))
+
+
+def test_co_learning_pseudo_labels_come_from_the_teacher_head_on_ema_features():
+    algo, model, ema, opt, labels = make_setup("cossl", threshold=0.0)
+    algo.co_learning = True
+    algo.classifier_loss = lambda head, ema_model: (torch.zeros(()), torch.zeros(()))
+    batch = make_batch(algo, labels)
+    with torch.no_grad():
+        want = ema.model.heads[COSSL_HEAD](ema.model(batch.x_ulb[0]).features).argmax(1)
+    loss, logs = algo.step(batch, StepState(1, 10, model, ema.model))
+    assert torch.equal(logs["pseudo/final"], want) and torch.equal(logs["pseudo/linear"], want)
+    assert float(logs["cossl/co_learning"]) == 1.0
+    model.zero_grad()
+    loss.backward()
+    assert model.heads[COSSL_HEAD].weight.grad is None  # the FixMatch loss leaves the head
+
+
+@pytest.fixture(scope="module")
+def cossl_run(tmp_path_factory):
+    from imbssl.cli import compose
+
+    root = tmp_path_factory.mktemp("cossl")
+    trainer = Trainer(compose([*TINY, *RUN, f"run_dir={root / 'ref'}"]))
+    trainer.run()
+    return root, trainer
+
+
+def test_the_switch_warms_the_balanced_classifier_and_evaluation_reads_it(cossl_run):
+    root, trainer = cossl_run
+    rows = [json.loads(line) for line in (root / "ref" / "metrics.jsonl").read_text().splitlines()]
+    phase = [r for r in rows if r["split"] == "phase"]
+    assert [r["step"] for r in phase] == [6] and phase[0]["cossl/tfe_features"] > 0
+    train = {r["step"]: r for r in rows if r["split"] == "train"}
+    assert train[6]["cossl/co_learning"] == 0.0 and train[8]["cossl/co_learning"] == 1.0
+    assert "loss/classifier" in train[8] and "loss/classifier" not in train[6]
+    assert trainer.algo.co_learning
+    predict = trainer.algo.eval_predictor(trainer.ema.model)
+    out = trainer.ema.model(torch.zeros(2, *trainer.data.labeled.images.shape[1:]))
+    assert torch.equal(predict(out), trainer.ema.model.heads[COSSL_HEAD](out.features))
+    per_class = (root / "ref" / "per_class.csv").read_text()
+    assert ",refiner,cossl,all," in per_class and ",tfe_probability," in per_class and ",pseudo,final,all," in per_class
+
+
+@pytest.mark.parametrize("kept", [3, 6, 9])  # before, at (saved after the warm-up), after
+def test_a_resumed_run_ends_exactly_alike(cossl_run, kept):
+    from imbssl.cli import compose
+
+    root, _ = cossl_run
+    ref, run = root / "ref", root / f"resumed_{kept}"
+    shutil.copytree(ref, run)
+    for step in (3, 6, 9, 12):
+        if step > kept:
+            (run / "checkpoints" / f"ckpt_{step:08d}.pt").unlink()
+    trainer = Trainer(compose([*TINY, *RUN, f"run_dir={run}", "resume=true"]))
+    trainer.prepare()
+    assert trainer.step_count == kept and trainer.algo.co_learning == (kept >= 6)
+    trainer.run()
+    final = "checkpoints/ckpt_00000012.pt"
+    a = torch.load(ref / final, weights_only=True)
+    b = torch.load(run / final, weights_only=True)
+    assert state_differences(a, b) == []
+    for name in ("metrics.jsonl", "per_class.csv"):
+        assert (ref / name).read_bytes() == (run / name).read_bytes(), name
+
+
+def test_daso_composes(tiny_cfg):
+    trainer = Trainer(tiny_cfg("algorithm=cossl", "pseudo=daso", "pseudo.warmup_iters=1",
+                               "algorithm.pretrain_fraction=0.5", "algorithm.warm_iterations=5",
+                               "trainer.iterations=4", "trainer.eval_interval=2", *QUIET))
+    summary = trainer.run()
+    assert summary["status"] == "finished" and trainer.algo.co_learning
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text()
+            .splitlines()]
+    assert any("loss/daso_align" in r and "loss/classifier" in r for r in rows)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("algorithm.pretrain_fraction=1.0", "pretrain_fraction"),
+    ("algorithm.max_lam=1.5", "max_lam"), ("algorithm.warm_batch_size=0", "warm_batch_size")])
+def test_bad_values_are_one_line_errors(tiny_cfg, override, field):
+    with pytest.raises(UserError, match=field) as err:
+        Trainer(tiny_cfg("algorithm=cossl", "pseudo=none", override))
+    assert "\n" not in str(err.value)
+
+
+def test_rows_are_generated_and_compose():
+    from imbssl.cli import compose
+    from imbssl.engine.config import experiment_generator
+
+    gen = experiment_generator("_generate_cossl")
+    assert gen.main(["--check"]) == 0, "run: python configs/experiment/_generate_cossl.py"
+    rows = gen.rows()
+    # the DASO paper's 8 CIFAR-10-LT settings and CoSSL's gamma 50, each +/- DASO
+    assert len(rows) == 18 and "cifar10_lt_g50_n1500_cossl" in rows
+    for name in rows:
+        cfg = compose([f"experiment={name}", "seed=3"])
+        assert cfg.experiment_name == name and cfg.algorithm.name == "cossl"
+        assert cfg.model.name == "wrn28_2" and cfg.trainer.iterations == 250000
+        assert (cfg.pseudo.name == "daso") == name.endswith("_daso")
+    g50 = compose(["experiment=cifar10_lt_g50_n1500_cossl"]).dataset
+    assert (g50.n1, g50.m1, g50.gamma_l, g50.gamma_u) == (1500, 3000, 50, 50)
