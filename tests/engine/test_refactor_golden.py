@@ -63,6 +63,7 @@ def _cases() -> dict[str, list[str]]:
                                     "pseudo=none"]
     cases["fixmatch_darp"] = ["algorithm=fixmatch", "pseudo=darp", "pseudo.per_iters=2"]
     cases["crt"] = ["algorithm=crt", "pseudo=none", "algorithm.init_from=<fixmatch>"]
+    cases["simpro_prior_steps"] = ["algorithm=simpro", "algorithm.epoch_iters=6", "pseudo=none"]
     return cases
 
 
