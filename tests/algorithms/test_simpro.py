@@ -151,3 +151,32 @@ def test_digits_lt_cli_run(tmp_path, pseudo):
     assert any("loss/daso_align" in r for r in train) == (pseudo == "daso")
     per_class = (run / "per_class.csv").read_text()
     assert ",refiner,simpro,all," in per_class and "unlabeled_prior" in per_class
+
+
+# ----------------------------------------------------------------------------- experiment files
+
+def test_simpro_rows_are_generated_and_compose():
+    from imbssl.cli import compose
+    from imbssl.engine.config import experiment_generator
+
+    gen = experiment_generator("_generate_simpro")
+    assert gen.main(["--check"]) == 0, "run: python configs/experiment/_generate_simpro.py"
+    cifar10 = [f"cifar10_lt_g{g}_n500{m}" for g in (150, 100) for m in ("", "_uniform", "_reversed")]
+    cifar100 = [f"cifar100_lt_g{g}_n50{m}" for g in (20, 10) for m in ("", "_uniform", "_reversed")]
+    want = {f"{s}_simpro{v}" for s in cifar10 + cifar100 for v in ("_official", "", "_daso")}
+    assert set(gen.rows()) == want
+    for name in sorted(want):
+        cfg = compose([f"experiment={name}"])
+        a, d, o, t = cfg.algorithm, cfg.dataset, cfg.optim, cfg.trainer
+        assert cfg.experiment_name == name and a.name == "simpro" and a.uratio == 8
+        assert cfg.model.name == "wrn28_2"
+        assert (a.threshold, a.prior_tau) == ((0.95, 2.0) if d.name == "cifar10" else (0.2, 1.0))
+        assert (cfg.pseudo.name == "daso") == name.endswith("_daso")
+        if name.endswith("_official"):  # SimPro's recipe
+            assert (o.lr, o.schedule, t.iterations, t.batch_size) == (0.17, "cosine", 43000, 64)
+            assert (cfg.model.bn_momentum, cfg.model.ema_buffers, t.precision) == (0.001, "copy", "fp32")
+        else:  # the DASO protocol
+            assert (o.lr, o.schedule, t.iterations) == (0.03, "constant", 250000)
+        assert d.reverse_unlabeled == ("_reversed" in name)
+        assert d.gamma_u == (1 if "_uniform" in name else d.gamma_l)
+        assert (d.n1, d.m1) == ((500, 4000) if d.name == "cifar10" else (50, 400))
