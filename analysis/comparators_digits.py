@@ -121,6 +121,8 @@ ROWS: list[Row] = [
                          ("saw", ("algorithm=saw", "algorithm.epoch_iters=20")),
                          ("debiaspl", ("algorithm=debiaspl", "algorithm.qhat_momentum=0.99")))
       for daso in (False, True)],
+    # SimPro (issue 30, not in the DASO paper): its epoch (prior M-step period) -> 20 iterations
+    *[Row(f"simpro{d}", ("algorithm=simpro", "algorithm.epoch_iters=20", *(_daso() if d else ("pseudo=none",)))) for d in ("", "+daso")],
 ]
 
 
