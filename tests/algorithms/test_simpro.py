@@ -28,7 +28,8 @@ def test_bayes_pseudo_labels_follow_the_unlabeled_prior():
     assert torch.allclose(bayes_pseudo_labels(logits, prior, 1.0), prior.unsqueeze(0), atol=1e-6)
     squared = prior ** 2 / (prior ** 2).sum()  # tau 2: p ** 2, renormalised
     assert torch.allclose(bayes_pseudo_labels(logits, prior, 2.0), squared.unsqueeze(0), atol=1e-6)
-    assert torch.allclose(prior_adjustment(torch.tensor([0.0]), 1.0), torch.tensor([math.log(1e-12)]))
+    empty = prior_adjustment(torch.tensor([0.0]), 1.0)  # log(0 + 1e-12): finite
+    assert torch.allclose(empty, torch.tensor([math.log(1e-12)]))
 
 
 def test_m_step_and_scale_ratio_hand_computed():
@@ -161,8 +162,9 @@ def test_simpro_rows_are_generated_and_compose():
 
     gen = experiment_generator("_generate_simpro")
     assert gen.main(["--check"]) == 0, "run: python configs/experiment/_generate_simpro.py"
-    cifar10 = [f"cifar10_lt_g{g}_n500{m}" for g in (150, 100) for m in ("", "_uniform", "_reversed")]
-    cifar100 = [f"cifar100_lt_g{g}_n50{m}" for g in (20, 10) for m in ("", "_uniform", "_reversed")]
+    kinds = ("", "_uniform", "_reversed")
+    cifar10 = [f"cifar10_lt_g{g}_n500{m}" for g in (150, 100) for m in kinds]
+    cifar100 = [f"cifar100_lt_g{g}_n50{m}" for g in (20, 10) for m in kinds]
     want = {f"{s}_simpro{v}" for s in cifar10 + cifar100 for v in ("_official", "", "_daso")}
     assert set(gen.rows()) == want
     for name in sorted(want):
@@ -174,7 +176,8 @@ def test_simpro_rows_are_generated_and_compose():
         assert (cfg.pseudo.name == "daso") == name.endswith("_daso")
         if name.endswith("_official"):  # SimPro's recipe
             assert (o.lr, o.schedule, t.iterations, t.batch_size) == (0.17, "cosine", 43000, 64)
-            assert (cfg.model.bn_momentum, cfg.model.ema_buffers, t.precision) == (0.001, "copy", "fp32")
+            m = cfg.model
+            assert (m.bn_momentum, m.ema_buffers, t.precision) == (0.001, "copy", "fp32")
         else:  # the DASO protocol
             assert (o.lr, o.schedule, t.iterations) == (0.03, "constant", 250000)
         assert d.reverse_unlabeled == ("_reversed" in name)
