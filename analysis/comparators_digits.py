@@ -131,6 +131,9 @@ ROWS: list[Row] = [
     # CoSSL (issue 29), not in the DASO paper: FixMatch for 80% of the run, then co-learning
     *[Row(f"cossl{'+daso' if daso else ''}", ("algorithm=cossl", *(_daso() if daso else (
         "pseudo=none",)))) for daso in (False, True)],
+    # SimPro (issue 30, not in the DASO paper): its epoch (prior M-step period) -> 20 iterations
+    Row("simpro", ("algorithm=simpro", "algorithm.epoch_iters=20", "pseudo=none")),
+    Row("simpro+daso", ("algorithm=simpro", "algorithm.epoch_iters=20", *_daso())),
 ]
 
 

@@ -75,7 +75,8 @@ class Batch:
     """Augmented, normalised images on the training device.
 
     ``x_ulb[i]`` is the unlabeled batch under the i-th view of ``algo.unlabeled_views``
-    (the same images in the same order in every view).
+    (the same images in the same order in every view). ``x_lb`` is the labeled batch's weak
+    view; ``x_lb_views[i]`` the same images under the i-th view of ``algo.labeled_views``.
     """
 
     x_lb: Tensor
@@ -83,6 +84,7 @@ class Batch:
     idx_lb: Tensor
     x_ulb: list[Tensor] = field(default_factory=list)
     idx_ulb: Tensor | None = None
+    x_lb_views: list[Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -127,6 +129,9 @@ class Algorithm(nn.Module):
     Config: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
     #: augmentations of the unlabeled batch the step needs, e.g. ("weak", "strong")
     unlabeled_views: ClassVar[tuple[str, ...]] = ()
+    #: augmentations of the labeled batch beyond its weak view ``x_lb``, e.g. ("strong",);
+    #: drawn after the unlabeled views, so an algorithm without them sees the same stream
+    labeled_views: ClassVar[tuple[str, ...]] = ()
     #: labeled batch sampling: "shuffle" (epochs) | "class_balanced" (class, then image)
     labeled_sampling: ClassVar[str] = "shuffle"
     #: whether the method reads the validation set (the trainer refuses a run without one)
@@ -210,6 +215,10 @@ class Algorithm(nn.Module):
         """Load ``init_from``'s checkpoint ``state`` into the network and its EMA copy."""
         model.load_state_dict(state["model"])
         ema_model.load_state_dict(state["ema"])
+
+    def observe_unlabeled_size(self, num_unlabeled: int) -> None:
+        """Construction: the number of unlabeled images (SimPro weighs its labeled loss by
+        the labeled-to-unlabeled batch counts of an epoch). No-op by default."""
 
     def phase(self, step: int, total: int) -> tuple[int, int]:
         """(step within the current phase, the phase's length) for the schedule and EMA warm-up."""

@@ -204,7 +204,8 @@ class ConventionalTrainer(Trainer):
             return (tset.images.permute(0, 2, 3, 1).contiguous().cpu().numpy(),
                     tset.labels.cpu().numpy())
 
-        self.labeled_loader = make_loader(PILDataset(*host(data.labeled), ("weak",), transform),
+        labeled_views = ("weak", *self.algo.labeled_views)
+        self.labeled_loader = make_loader(PILDataset(*host(data.labeled), labeled_views, transform),
                                           bs, num_batches, workers, pin, cfg.seed * 1000 + 11)
         self.unlabeled_loader = None
         if self.algo.unlabeled_views:
@@ -218,9 +219,10 @@ class ConventionalTrainer(Trainer):
         return x.to(self.device, non_blocking=True)
 
     def next_batch(self) -> tuple[Batch, Tensor | None]:
-        x, y, idx = next(self._lb_iter)
+        x, *x_views, y, idx = next(self._lb_iter)
         batch = Batch(x_lb=self._prepare(self._to_device(x)), y_lb=self._to_device(y),
-                      idx_lb=self._to_device(idx))
+                      idx_lb=self._to_device(idx),
+                      x_lb_views=[self._prepare(self._to_device(v)) for v in x_views])
         y_ulb = None
         if self._ulb_iter is not None:
             *views, y_u, idx_u = next(self._ulb_iter)

@@ -181,7 +181,8 @@ def images_per_step(trainer) -> dict:
     views = len(algo.unlabeled_views)
     daso = getattr(algo.refiner, "needs_labeled_features", False)
     name = type(algo).__name__.lower()
-    trained = b + ub * views
+    lb = b * (1 + len(algo.labeled_views))  # the weak view and any extra labeled views
+    trained = lb + ub * views
     nograd = b if daso else 0
     if name == "remixmatch":  # weak + strong1, mixed (lb + 3 views), rotated strong1
         trained = 2 * ub + (b + ub * views) + ub
@@ -190,8 +191,8 @@ def images_per_step(trainer) -> dict:
         nograd += 0 if daso else ub * views
     elif name == "simmatch":  # EMA bank forward of the labeled batch
         nograd += b
-    return {"labeled": b, "unlabeled": ub * views, "views": views, "uratio": ub // b if b else 0,
-            "total": b + ub * views, "trained": trained, "no_grad": nograd}
+    return {"labeled": lb, "unlabeled": ub * views, "views": views, "uratio": ub // b if b else 0,
+            "total": lb + ub * views, "trained": trained, "no_grad": nograd}
 
 
 def default_peak_tflops(device: torch.device) -> float | None:

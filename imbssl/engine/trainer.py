@@ -163,6 +163,7 @@ class Trainer(RunState, PeriodicWork, DataPhases, ScalarLog, Stops):
         except ValueError as exc:  # constructors validate their config values
             raise UserError(f"algorithm={algo_cfg.name} pseudo="
                             f"{getattr(pseudo_cfg, 'name', 'none')}: {exc}") from None
+        self.algo.observe_unlabeled_size(len(self.data.unlabeled.labels))
         if self.algo.needs_validation and self.data.valid is None:
             raise UserError(f"algorithm={algo_cfg.name} needs a validation set; set "
                             "dataset.num_valid_per_class")
@@ -323,6 +324,7 @@ class Trainer(RunState, PeriodicWork, DataPhases, ScalarLog, Stops):
             ub = ddp.even_shard(len(xu))
             batch.x_ulb = [self._prepare(v[ub]) for v in views]
             batch.idx_ulb, y_ulb = idx_u[ub], y_ulb[ub]
+        batch.x_lb_views = [self._prepare(aug.view(v, x, gen)[lb]) for v in self.algo.labeled_views]
         return batch, y_ulb
 
     def train_step(self) -> None:
