@@ -163,6 +163,24 @@ class CDMAD(FixMatch):
         parts["cdmad"] = {"bias": self.bias.clone(), "bias_offset": self.bias - self.bias.mean()}
         return parts
 
+    def debiasing(self, step: int) -> bool:
+        return debiasing_due(step, self.cfg.epoch_iters, self.cfg.debias_after_epochs)
+
+    @torch.no_grad()
+    def pseudo_targets(self, logits_w: Tensor, feats_w: Tensor, bias: Tensor, step: int
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(targets, mask, hard pseudo-label, argmax of the raw logits) of the weak view:
+        ``q = softmax(f(alpha(u)) - g)`` once debiasing (official ``outputs_u -
+        biaseddegree``; the raw logits before), aligned and refined; the mask is
+        ``max q >= tau``; the targets are ``q`` (``soft_targets``) or its one-hot argmax."""
+        cfg = self.cfg
+        raw = logits_w.detach().float()
+        logits = debiased_logits(raw, bias) if self.debiasing(step) else raw
+        probs, _ = self.weak_view_probs(logits, feats_w, step)
+        mask, pseudo = fixmatch_mask(probs, cfg.min_confidence)  # 1(max q >= tau), argmax q
+        targets = probs if cfg.soft_targets else one_hot(pseudo, self.num_classes)
+        return targets, mask, pseudo, raw.argmax(dim=-1)
+
     def step(self, batch: Batch, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
         self.record_input_shape(batch.x_lb)
@@ -170,24 +188,16 @@ class CDMAD(FixMatch):
         self.bias.copy_(bias)
         probe_logs, (logits_x, _), (logits_w, feats_w), *strong = self.forward_views(batch, state)
         loss_x = self.labeled_loss(logits_x, batch.y_lb)
-        debias = debiasing_due(state.step, cfg.epoch_iters, cfg.debias_after_epochs)
-
-        with torch.no_grad():
-            raw = logits_w.detach().float()
-            linear = raw.argmax(dim=-1)
-            # q = softmax(f(alpha(u)) - g) once debiasing, aligned and refined
-            probs, _ = self.weak_view_probs(debiased_logits(raw, bias) if debias else raw,
-                                            feats_w, state.step)
-            mask, pseudo = fixmatch_mask(probs, cfg.min_confidence)  # 1(max q >= tau), argmax q
-            targets = probs if cfg.soft_targets else one_hot(pseudo, self.num_classes)
+        targets, mask, pseudo, linear = self.pseudo_targets(logits_w, feats_w, bias, state.step)
         self.refiner.observe(pseudo)
 
         # l_u = 1/(n mu B) sum_views sum_b 1(max q_b >= tau) H(q_b, p_m(y | A_v(u_b)))
         loss_u = torch.cat([soft_cross_entropy(logits_s, targets) * mask
                             for logits_s, _ in strong]).mean()
         loss = loss_x + cfg.lambda_u * loss_u
+        debiasing = mask.new_tensor(float(self.debiasing(state.step)))
         logs = {"loss/labeled": loss_x.detach(), "loss/unlabeled": loss_u.detach(),
-                "mask/ratio": mask.mean(), "cdmad/debiasing": mask.new_tensor(float(debias)),
+                "mask/ratio": mask.mean(), "cdmad/debiasing": debiasing,
                 "pseudo/linear": linear, "pseudo/final": pseudo, "pseudo/mask": mask,
                 **probe_logs}
         extra, extra_logs = self.refiner.extra_loss(feats_w, strong[0][1], state.step)
