@@ -67,7 +67,7 @@ class CDMADConfig(AlgorithmConfig):
     soft_targets: bool = True  # official all_targets = softmax targets (hard p_hat commented out)
     strong_views: int = 2  # official TransformTwice: weak + two strong views, both trained
     epoch_iters: int = 500  # steps per epoch (official --val-iteration 500)
-    debias_after_epochs: int = 100  # pseudo-labels debiased when epoch > 100 (official --debiasstart)
+    debias_after_epochs: int = 100  # debiased when epoch > 100 (official --debiasstart); -1: always
     bias_image_value: float = 1.0  # the solid image (official torch.ones, normalised input)
     debias_eval: bool = True  # evaluate argmax f(x) - g (official validate: outputs - biaseddegree)
     dist_align: str = "none"  # none | labeled | uniform (official CDMAD FixMatch: none)
