@@ -164,3 +164,49 @@ def test_digits_lt_cli_run(tmp_path, pseudo):
     bias = pc[(pc.kind == "cdmad") & (pc.metric == "bias")]
     assert len(bias) == 2 * 10 and bias.value.notna().all()  # two evaluations, 10 classes
     assert NUM_CLASSES == 3  # the unit tests above use the 3-class fixture
+
+
+# ----------------------------------------------------------------------------- official recipe
+
+def test_adamw_decays_every_parameter_by_lr_times_wd_per_step():
+    """optim.name=adamw: Adam plus p <- p (1 - lr wd) (official WeightEMA.step
+    ``param.mul_(1 - args.wd * args.lr)``); a zero gradient leaves only the decay."""
+    from imbssl.engine.config import OptimConfig
+    from imbssl.engine.setup import build_optimizer
+
+    net = torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in net.parameters()]
+    opt = build_optimizer(net, OptimConfig(name="adamw", lr=0.0015, weight_decay=0.04,
+                                           decay_scope="all"), torch.device("cpu"))
+    assert isinstance(opt, torch.optim.AdamW)
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for p, b in zip(net.parameters(), before, strict=True):
+        assert torch.allclose(p, b * (1 - 0.0015 * 0.04), atol=1e-9)
+
+
+def test_the_official_recipe_replaces_the_daso_recipe_and_trains(tmp_path):
+    from imbssl.cli import compose
+
+    for base in ([], ["trainer=daso_protocol"]):
+        cfg = compose(["algorithm=cdmad", *base, "recipe=cdmad_official"])
+        assert cfg.optim.name == "adamw" and cfg.optim.lr == 0.0015
+        assert cfg.optim.weight_decay == 0.04 and cfg.optim.schedule == "constant"
+        assert not cfg.model.ema_warmup and not cfg.model.ema_train_mode
+        assert cfg.model.ema_buffers == "average" and cfg.model.ema_decay == 0.999
+        assert (cfg.trainer.iterations, cfg.trainer.batch_size, cfg.trainer.eval_interval) == \
+            (250000, 32, 500)
+    cfg = compose(["algorithm=cdmad", "recipe=cdmad_official", *RUN[:5], "trainer.iterations=2",
+                   "trainer.batch_size=8", "trainer.eval_interval=2", "trainer.compile=false",
+                   "device=cpu", *QUIET, f"run_dir={tmp_path / 'run'}"])
+    trainer = Trainer(cfg)
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    assert trainer.run()["status"] == "finished"
+
+
+def test_an_unknown_optimizer_is_refused_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "imbssl", "train", "optim.name=adam",
+                           f"run_dir={tmp_path / 'run'}", "device=cpu", *QUIET],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2 and "sgd or adamw" in proc.stderr, proc.stderr[-2000:]
