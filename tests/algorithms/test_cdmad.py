@@ -210,3 +210,35 @@ def test_an_unknown_optimizer_is_refused_in_one_line(tmp_path):
                            f"run_dir={tmp_path / 'run'}", "device=cpu", *QUIET],
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 2 and "sgd or adamw" in proc.stderr, proc.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- experiment files
+
+def test_rows_are_generated_and_compose():
+    from imbssl.cli import compose
+    from imbssl.engine.config import experiment_generator
+
+    gen = experiment_generator("_generate_cdmad")
+    assert gen.main(["--check"]) == 0, "run: python configs/experiment/_generate_cdmad.py"
+    settings = [f"cifar10_lt_g{g}_n{n}" for g in (100, 150) for n in (500, 1500)]
+    settings += [f"cifar10_lt_g100_n{n}_{m}" for n in (500, 1500) for m in ("uniform", "reversed")]
+    settings += [f"cifar100_lt_g10_n{n}" for n in (50, 150)]
+    want = {f"{s}_cdmad{v}" for s in settings for v in ("_official", "", "_daso")}
+    assert set(gen.rows()) == want
+    # official fixmatchcdmad.py: |L| + |U| of make_imb_data >= 30000 -> wd 0.01 (uniform rows)
+    assert gen.official_counts(1500, 10, 100) == [1500, 899, 539, 323, 193, 116, 69, 41, 25, 15]
+    for name in sorted(want):
+        cfg = compose([f"experiment={name}"])
+        assert cfg.experiment_name == name and cfg.algorithm.name == "cdmad"
+        assert cfg.model.name == "wrn28_2" and cfg.trainer.iterations == 250000
+        assert (cfg.pseudo.name == "daso") == name.endswith("_daso")
+        d = cfg.dataset
+        assert d.reverse_unlabeled == ("_reversed" in name)
+        assert d.gamma_u == (1 if "_uniform" in name else d.gamma_l)
+        if name.endswith("_official"):
+            wd = 0.01 if "_uniform" in name else (0.08 if name.startswith("cifar100") else 0.04)
+            assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == ("adamw", 0.0015, wd)
+            assert cfg.trainer.batch_size == 32 and not cfg.model.ema_warmup
+        else:
+            assert cfg.optim.name == "sgd" and cfg.trainer.batch_size == 64
+            assert cfg.model.ema_warmup
