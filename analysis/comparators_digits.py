@@ -121,6 +121,10 @@ ROWS: list[Row] = [
                          ("saw", ("algorithm=saw", "algorithm.epoch_iters=20")),
                          ("debiaspl", ("algorithm=debiaspl", "algorithm.qhat_momentum=0.99")))
       for daso in (False, True)],
+    # CDMAD (issue 30), not in the DASO paper: its 500 epochs -> 2 iterations each (as ABC's)
+    *[Row(f"cdmad{'+daso' if daso else ''}", ("algorithm=cdmad", "algorithm.epoch_iters=2",
+                                              *(_daso() if daso else ("pseudo=none",))))
+      for daso in (False, True)],
 ]
 
 
