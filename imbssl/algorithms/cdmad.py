@@ -69,6 +69,10 @@ class CDMADConfig(AlgorithmConfig):
     epoch_iters: int = 500  # steps per epoch (official --val-iteration 500)
     debias_after_epochs: int = 100  # debiased when epoch > 100 (official --debiasstart); -1: always
     bias_image_value: float = 1.0  # the solid image (official torch.ones, normalised input)
+    #: whether the training-time measurement moves the batch-norm running statistics (official:
+    #: yes, ``model(white)`` in train mode; its share of the updates is 1 of 2 forwards a step
+    #: here, 1 of 5 in the official loop)
+    bias_updates_bn_stats: bool = True
     debias_eval: bool = True  # evaluate argmax f(x) - g (official validate: outputs - biaseddegree)
     dist_align: str = "none"  # none | labeled | uniform (official CDMAD FixMatch: none)
     dist_align_window: int = 128  # batches in p~(y) (ReMixMatch / DASO)
@@ -86,6 +90,19 @@ def measure_bias(model: nn.Module, image: Tensor) -> Tensor:
     """g = f(x_solid): the network's logits on the solid image, (K,) float32 (official
     ``biaseddegree, _ = model(white)``, in whatever mode ``model`` is)."""
     return model(image).logits.float()[0]
+
+
+@torch.no_grad()
+def measure_bias_keeping_bn_stats(model: nn.Module, image: Tensor) -> Tensor:
+    """``measure_bias`` with every batch-norm running statistic restored afterwards (the
+    solid image is not counted in them)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [[b.clone() for b in m.buffers()] for m in norms]
+    bias = measure_bias(model, image)
+    for m, buffers in zip(norms, saved, strict=True):
+        for b, old in zip(m.buffers(), buffers, strict=True):
+            b.copy_(old)
+    return bias
 
 
 def debiased_logits(logits: Tensor, bias: Tensor) -> Tensor:
@@ -184,7 +201,8 @@ class CDMAD(FixMatch):
     def step(self, batch: Batch, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
         self.record_input_shape(batch.x_lb)
-        bias = measure_bias(state.model, self.solid_image(batch.x_lb.device))  # g, train mode
+        measure = measure_bias if cfg.bias_updates_bn_stats else measure_bias_keeping_bn_stats
+        bias = measure(state.model, self.solid_image(batch.x_lb.device))  # g, train mode
         self.bias.copy_(bias)
         probe_logs, (logits_x, _), (logits_w, feats_w), *strong = self.forward_views(batch, state)
         loss_x = self.labeled_loss(logits_x, batch.y_lb)

@@ -14,7 +14,7 @@ import torch
 from torch.nn import functional as F
 
 from imbssl.algorithms import StepState
-from imbssl.algorithms.cdmad import measure_bias
+from imbssl.algorithms.cdmad import measure_bias, measure_bias_keeping_bn_stats
 from imbssl.engine.checkpoint import state_differences
 from imbssl.engine.trainer import Trainer
 
@@ -103,6 +103,18 @@ def test_step_measures_the_bias_and_trains_both_strong_views_towards_the_debiase
     loss_u = torch.cat([-(targets * F.log_softmax(s, -1)).sum(-1) for s in (s1, s2)]).mean()
     assert torch.allclose(logs["loss/unlabeled"], loss_u, atol=1e-5)
     assert float(logs["cdmad/debiasing"]) == 1.0
+
+
+@pytest.mark.parametrize("updates", [True, False])
+def test_the_measurement_moves_bn_statistics_only_when_asked(updates):
+    algo, model, ema, opt, labels = make_setup("cdmad", bias_updates_bn_stats=updates)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    algo.record_input_shape(torch.zeros(1, 1, 8, 8))
+    measure = measure_bias if updates else measure_bias_keeping_bn_stats
+    bias = measure(model, algo.solid_image("cpu"))
+    after = model.state_dict()
+    assert torch.allclose(bias, measure_bias(make_setup("cdmad")[1], algo.solid_image("cpu")))
+    assert any(not torch.equal(v, after[k]) for k, v in before.items()) == updates
 
 
 def test_evaluation_subtracts_the_bias_of_the_evaluated_network_in_eval_mode():
