@@ -134,6 +134,10 @@ ROWS: list[Row] = [
     # SimPro (issue 30, not in the DASO paper): its epoch (prior M-step period) -> 20 iterations
     Row("simpro", ("algorithm=simpro", "algorithm.epoch_iters=20", "pseudo=none")),
     Row("simpro+daso", ("algorithm=simpro", "algorithm.epoch_iters=20", *_daso())),
+    # CDMAD (issue 30), not in the DASO paper: its 500 epochs -> 2 iterations each (as ABC's)
+    *[Row(f"cdmad{'+daso' if daso else ''}", ("algorithm=cdmad", "algorithm.epoch_iters=2",
+                                              *(_daso() if daso else ("pseudo=none",))))
+      for daso in (False, True)],
 ]
 
 

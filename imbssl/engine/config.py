@@ -23,9 +23,10 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 @dataclass
 class OptimConfig:
-    """SGD with Nesterov momentum as in FixMatch and DASO (lr 0.03, momentum 0.9, wd 5e-4)."""
+    """SGD with Nesterov momentum as in FixMatch and DASO (lr 0.03, momentum 0.9, wd 5e-4);
+    ``name=adamw``: Adam with decoupled weight decay (momentum and nesterov unused)."""
 
-    name: str = "sgd"
+    name: str = "sgd"  # sgd | adamw
     lr: float = 0.03
     momentum: float = 0.9
     weight_decay: float = 5e-4

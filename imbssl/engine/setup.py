@@ -40,8 +40,11 @@ def lr_factor(step: int, total: int, schedule: str, warmup: int,
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device):
-    """SGD (Nesterov); weight decay on every parameter (``decay_scope=all``, official DASO) or
-    not on biases and batch-norm parameters (``no_bias_bn``, FixMatch codebases)."""
+    """SGD (Nesterov), or with ``name=adamw`` Adam (PyTorch's default betas and eps) with
+    decoupled weight decay ``p <- p (1 - lr wd)`` each step (official CDMAD/DARP/ABC: Adam,
+    and ``param.mul_(1 - wd * lr)`` in ``WeightEMA.step``); weight decay on every parameter
+    (``decay_scope=all``, official DASO) or not on biases and batch-norm parameters
+    (``no_bias_bn``, FixMatch codebases)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         exempt = cfg.decay_scope == "no_bias_bn" and (p.ndim <= 1 or "bn" in name)
@@ -49,6 +52,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, **fast)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                            **fast)
 

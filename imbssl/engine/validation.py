@@ -111,7 +111,7 @@ def check_trainer(t: Any) -> None:
 
 def check_optim(o: Any) -> None:
     _checks([
-        (o.name == "sgd", "optim.name", o.name, "sgd (the only optimizer)"),
+        (o.name in ("sgd", "adamw"), "optim.name", o.name, "sgd or adamw"),
         (math.isfinite(o.lr) and o.lr > 0, "optim.lr", o.lr, "> 0"),
         (0 <= o.momentum < 1, "optim.momentum", o.momentum, "in [0, 1)"),
         (math.isfinite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay",
