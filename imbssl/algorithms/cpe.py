@@ -47,6 +47,7 @@ Diagnostics: ``pseudo/linear``, ``pseudo/final``, ``pseudo/mask`` are the unifor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -77,6 +78,16 @@ class CPEConfig(AlgorithmConfig):
     share_momentum: float = 0.9  # momentum of the pseudo-label shares (official --ema_u 0.9)
     epoch_iters: int = 1024  # steps per epoch (official num_train_iter / epoch = 262144 / 256)
     estimate_after_epochs: int = 0  # shares update after this epoch (official --est_epoch 0)
+
+
+class ExpertResult(NamedTuple):
+    """One expert's step: labeled and unlabeled loss, raw and final weak-view labels, mask."""
+
+    loss_x: Tensor
+    loss_u: Tensor
+    linear: Tensor
+    pseudo: Tensor
+    mask: Tensor
 
 
 def expert_labeled_loss(logits_x: Tensor, y: Tensor, prior: Tensor, tau: float) -> Tensor:
@@ -174,6 +185,27 @@ class CPE(Algorithm):
         self.confident_share[expert] = updated_share(self.confident_share[expert], labels, mask, m)
         self.all_share[expert] = updated_share(self.all_share[expert], labels, None, m)
 
+    def expert_step(self, expert: int, logits: Tensor, sizes: list[int], y_lb: Tensor,
+                    feats_w: Tensor, step: int) -> ExpertResult:
+        """One expert's losses from its (branches, N, K) logits of the labeled, weak and
+        strong images (sizes ``sizes``), and its share update (official ``train_step``, one
+        of the three heads)."""
+        cfg = self.cfg
+        branch_x, branch_w, branch_s = logits.split(sizes, dim=1)
+        loss_x = expert_labeled_loss(branch_x.mean(0), y_lb, self.labeled_prior,
+                                     cfg.expert_taus[expert])
+        with torch.no_grad():  # q = argmax p_e, p_e = softmax(f_e(alpha(u))) (official compute_prob)
+            probs = torch.softmax(branch_w.mean(0).detach().float(), dim=-1)
+            linear = probs.argmax(dim=-1)
+            probs = self.refiner.refine(probs, feats_w.detach(), step)
+            conf, pseudo = hard_labels(probs)
+            mask = conf.ge(cfg.threshold).float()
+            weights = branch_weights(pseudo, mask, cfg.cuts, len(branch_s))
+            if self._estimating(step):
+                self._update_shares(expert, pseudo, mask)
+        loss_u = branch_consistency_loss(branch_s, pseudo, weights)
+        return ExpertResult(loss_x, loss_u, linear, pseudo, mask)
+
     def step(self, batch: Batch, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
         cfg, model = self.cfg, state.model
         self.feed_refiner(batch, state)
@@ -185,26 +217,14 @@ class CPE(Algorithm):
         logs: dict[str, Tensor] = {}
         for e, (name, logits) in enumerate(zip(EXPERTS, self._expert_logits(model, out),
                                                 strict=True)):
-            branch_x, branch_w, branch_s = logits.split(sizes, dim=1)
-            loss_x = expert_labeled_loss(branch_x.mean(0), batch.y_lb, self.labeled_prior,
-                                         cfg.expert_taus[e])
-            with torch.no_grad():  # q = argmax p_e, p_e = softmax(f_e(alpha(u))) (official compute_prob)
-                probs = torch.softmax(branch_w.mean(0).detach().float(), dim=-1)
-                linear = probs.argmax(dim=-1)
-                probs = self.refiner.refine(probs, feats_w.detach(), state.step)
-                conf, pseudo = hard_labels(probs)
-                mask = conf.ge(cfg.threshold).float()
-                weights = branch_weights(pseudo, mask, cfg.cuts, len(branch_s))
-                if self._estimating(state.step):
-                    self._update_shares(e, pseudo, mask)
-            loss_u = branch_consistency_loss(branch_s, pseudo, weights)
-            loss = loss + loss_x + cfg.lambda_u * loss_u  # official total_loss
-            logs.update({f"loss/{name}_labeled": loss_x.detach(),
-                         f"loss/{name}_unlabeled": loss_u.detach(),
-                         f"mask/{name}_ratio": mask.mean()})
+            r = self.expert_step(e, logits, sizes, batch.y_lb, feats_w, state.step)
+            loss = loss + r.loss_x + cfg.lambda_u * r.loss_u  # official total_loss
+            logs.update({f"loss/{name}_labeled": r.loss_x.detach(),
+                         f"loss/{name}_unlabeled": r.loss_u.detach(),
+                         f"mask/{name}_ratio": r.mask.mean()})
             if name == EVALUATED:
-                logs.update({"pseudo/linear": linear, "pseudo/final": pseudo,
-                             "pseudo/mask": mask, "mask/ratio": mask.mean()})
+                logs.update({"pseudo/linear": r.linear, "pseudo/final": r.pseudo,
+                             "pseudo/mask": r.mask, "mask/ratio": r.mask.mean()})
         self.refiner.observe(logs["pseudo/final"])  # after every expert's refine
         extra, extra_logs = self.refiner.extra_loss(feats_w, feats_s, state.step)
         loss = add_extra_loss(loss, logs, extra, extra_logs)
