@@ -62,6 +62,7 @@ def _cases() -> dict[str, list[str]]:
     cases["fixmatch_la_posthoc"] = ["algorithm=fixmatch", "algorithm.logit_adjust=posthoc",
                                     "pseudo=none"]
     cases["fixmatch_darp"] = ["algorithm=fixmatch", "pseudo=darp", "pseudo.per_iters=2"]
+    cases["cpe_classwise_bn"] = ["algorithm=cpe", "model.classwise_bn=3", "pseudo=none"]
     cases["crt"] = ["algorithm=crt", "pseudo=none", "algorithm.init_from=<fixmatch>"]
     return cases
 
