@@ -181,3 +181,20 @@ def test_an_interrupted_run_resumes_exactly(tmp_path):
     for part in ("model", "ema", "algorithm"):
         for key, value in a[part].items():
             assert torch.equal(b[part][key], value), (part, key)
+
+
+def test_experiment_rows_are_current_and_compose():
+    from imbssl.cli import compose
+    from imbssl.engine.config import experiment_generator
+
+    gen = experiment_generator("_generate_cpe")
+    assert gen.main(["--check"]) == 0, "run: python configs/experiment/_generate_cpe.py"
+    names = set(gen.rows())
+    assert len(names) == 9 * 3 and "cifar100_lt_g10_n150_cpe_official" in names
+    official = compose(["experiment=cifar100_lt_g10_n150_cpe_official"])
+    assert official.algorithm.cuts == [35, 70] and official.model.classwise_bn == 3
+    assert (official.trainer.iterations, official.trainer.eval_interval) == (262144, 1024)
+    assert (official.optim.schedule, official.model.bn_momentum) == ("cosine", 0.001)
+    daso = compose(["experiment=cifar10_lt_g150_n500_cpe_daso"])
+    assert daso.pseudo.name == "daso" and daso.trainer.iterations == 250000
+    assert daso.algorithm.cuts == [2, 4] and daso.model.wrn_residual == "official"

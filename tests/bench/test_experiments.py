@@ -54,8 +54,8 @@ def test_rows_cover_the_matrix():
     others = {p.stem for p in EXPERIMENTS.glob("*.yaml")} - names
     # MixMatch Table 4 rows: checked in tests/algorithms/test_mixmatch_ablation.py
     others = {o for o in others if not o.startswith("mixmatch_ablation_")}
-    # comparator rows (issue 19): checked with their generators, _generate_comparators_*.py
-    others -= {n for g in EXPERIMENTS.glob("_generate_comparators_*.py") for n in _rows_of(g)}
+    # comparator and method rows: checked with their generators, _generate_<name>.py
+    others -= {n for g in EXPERIMENTS.glob("_generate_*.py") for n in _rows_of(g)}
     assert not others, f"experiment files outside the row naming scheme: {sorted(others)}"
 
 
@@ -113,7 +113,7 @@ def test_generator_reproduces_the_files():
         del sys.modules[spec.name]
     mini = {f"mini/{p.stem}" for p in (EXPERIMENTS / "mini").glob("*.yaml")}
     # CIFAR-100-LT gamma 20 base rows (not a _generate.py setting) come from a comparators generator
-    comparators = {n for g in EXPERIMENTS.glob("_generate_comparators_*.py") for n in _rows_of(g)}
+    comparators = {n for g in EXPERIMENTS.glob("_generate_*.py") for n in _rows_of(g)}
     assert set(gen.rows()) == {p.stem for p in row_files()} - comparators | mini
     assert gen.main(["--check"]) == 0, "run: python configs/experiment/_generate.py"
 
