@@ -121,6 +121,9 @@ ROWS: list[Row] = [
                          ("saw", ("algorithm=saw", "algorithm.epoch_iters=20")),
                          ("debiaspl", ("algorithm=debiaspl", "algorithm.qhat_momentum=0.99")))
       for daso in (False, True)],
+    # CPE (issue 30), not in the DASO paper: classwise BN on; its 1024-step epoch -> 20 iterations
+    *[Row(f"cpe{d}", ("algorithm=cpe", "model.classwise_bn=3", "algorithm.epoch_iters=20",
+                      *(_daso() if d else ("pseudo=none",)))) for d in ("", "+daso")],
 ]
 
 
