@@ -37,6 +37,8 @@ unlabeled labels, which an algorithm never sees: the trainer's pseudo-label diag
 them for the uniform expert (``pseudo/...``). Buffers, so a checkpoint resumes exactly.
 
 Logit adjustment (``algorithm.logit_adjust``) is refused: CPE adjusts its own logits.
+``pseudo=darp`` is refused (one line, exit 2): DARP refines one prediction per step and
+image, CPE has three experts' predictions.
 With ``pseudo=daso`` every expert's weak-view probabilities are refined (one semantic
 pseudo-label: the experts share the features), the uniform expert's final pseudo-labels are
 observed (DASO's ``m_hat``) and the alignment loss takes the shared (branch-mean) features.
@@ -57,7 +59,8 @@ from imbssl.algorithms import register
 from imbssl.algorithms.base import Algorithm, AlgorithmConfig, Batch, StepState, reject_setting
 from imbssl.collectives import all_gather_cat, all_reduce_mean
 from imbssl.errors import UserError
-from imbssl.pseudo.base import add_extra_loss, hard_labels
+from imbssl.pseudo.base import IdentityRefiner, add_extra_loss, hard_labels
+from imbssl.pseudo.daso import DASO
 
 #: the experts in order: the network's classifier, then two heads
 EXPERTS = ("long_tailed", "uniform", "inverse")
@@ -135,6 +138,11 @@ class CPE(Algorithm):
             raise UserError(f"algorithm=cpe adjusts its experts' logits itself; "
                             f"algorithm.logit_adjust={cfg.logit_adjust} does not apply, set "
                             "algorithm.logit_adjust=none")
+        one_per_step = refiner is not None and type(refiner) is not IdentityRefiner
+        if one_per_step and not isinstance(refiner, DASO):
+            raise UserError(f"algorithm=cpe refines the pseudo-labels of each of its three "
+                            f"experts; {type(refiner).__name__} refines one prediction per "
+                            "step: use pseudo=none or pseudo=daso")
         super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
         reject_setting(cfg, "expert_taus", "three values >= 0",
                        when=len(cfg.expert_taus) != 3 or min(cfg.expert_taus) < 0)

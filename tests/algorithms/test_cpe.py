@@ -146,13 +146,15 @@ def test_digits_lt_cli_run(tmp_path, pseudo):
     assert "uniform_confident_share" in per_class
 
 
-def test_bad_classwise_bn_is_one_line_exit_2(tmp_path):
+@pytest.mark.parametrize(("override", "word"), [("model.classwise_bn=2", "classwise_bn"),
+                                                 ("pseudo=darp", "pseudo=daso")])
+def test_refusals_are_one_line_exit_2(tmp_path, override, word):
     proc = subprocess.run([sys.executable, "-m", "imbssl", "train", "algorithm=cpe",
-                           "pseudo=none", "model.classwise_bn=2", "trainer.iterations=1",
+                           "pseudo=none", override, "trainer.iterations=1",
                            "device=cpu", f"run_dir={tmp_path / 'run'}"],
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "classwise_bn" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert word in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def _train(run_dir, iterations: int, resume: bool = False) -> None:
