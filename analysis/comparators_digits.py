@@ -138,6 +138,9 @@ ROWS: list[Row] = [
     *[Row(f"cdmad{'+daso' if daso else ''}", ("algorithm=cdmad", "algorithm.epoch_iters=2",
                                               *(_daso() if daso else ("pseudo=none",))))
       for daso in (False, True)],
+    # CPE (issue 30), not in the DASO paper: classwise BN on; its 1024-step epoch -> 20 iterations
+    *[Row(f"cpe{d}", ("algorithm=cpe", "model.classwise_bn=3", "algorithm.epoch_iters=20",
+                      *(_daso() if d else ("pseudo=none",)))) for d in ("", "+daso")],
 ]
 
 

@@ -181,7 +181,8 @@ class Trainer(RunState, PeriodicWork, DataPhases, ScalarLog, Stops):
         algo_cfg = algo_cfg if algo_cfg is not None else self.algo.cfg
         model = build_model(self.mcfg.name, self.data.num_classes, self.data.image_shape[0],
                             norm=self.mcfg.norm, bn_momentum=self.mcfg.bn_momentum,
-                            wrn_residual=self.mcfg.wrn_residual)
+                            wrn_residual=self.mcfg.wrn_residual,
+                            classwise_bn=self.mcfg.classwise_bn)
         model.heads.update(algo_cls.make_heads(algo_cfg, model.feat_dim, self.data.num_classes))
         return model
 

@@ -7,7 +7,7 @@ from typing import Optional
 from torch import nn
 
 from imbssl.errors import UnknownNameError, UserError
-from imbssl.models.base import ModelOutput, Network
+from imbssl.models.base import BranchOutput, ModelOutput, Network
 from imbssl.models.ema import EMA
 from imbssl.models.small_cnn import SmallCNN
 from imbssl.models.wrn import RESIDUALS, WideResNet
@@ -32,6 +32,9 @@ class ModelConfig:
     #: keep the EMA network in train mode (its labeled forward uses batch statistics), eval
     #: mode only while evaluating (official DASO); false: always eval mode
     ema_train_mode: bool = False
+    #: branches of classwise batch normalisation on the last feature map (CPE's CBN, Ma et al.
+    #: AAAI 2024: 3); 0: none. Logits and features are then the mean over the branches
+    classwise_bn: int = 0
 
 
 def _backbones():
@@ -54,10 +57,12 @@ NORM_CHOICES = {"small_cnn": SmallCNN.NORMS}
 
 def build_model(name: str, num_classes: int, in_channels: int,
                 heads: dict[str, nn.Module] | None = None, norm: str = "batch",
-                bn_momentum: float | None = None, wrn_residual: str = "official") -> Network:
+                bn_momentum: float | None = None, wrn_residual: str = "official",
+                classwise_bn: int = 0) -> Network:
     """A ``Network`` with the named backbone and the given heads (``net.heads.update`` adds
     more later, e.g. ``Algorithm.make_heads(cfg, net.feat_dim, num_classes)``).
-    ``bn_momentum`` (if given) is set on every batch-norm layer."""
+    ``bn_momentum`` (if given) is set on every batch-norm layer but the ``classwise_bn``
+    branches (``ClasswiseNorms``), which keep PyTorch's default as official CPE."""
     if name not in MODEL_NAMES:
         raise UnknownNameError(f"unknown model {name!r}; choose one of {list(MODEL_NAMES)}")
     choices = NORM_CHOICES.get(name, ("batch",))
@@ -66,9 +71,13 @@ def build_model(name: str, num_classes: int, in_channels: int,
                         f"choose one of {list(choices)}")
     if wrn_residual not in RESIDUALS:
         raise UserError(f"model.wrn_residual={wrn_residual!r}; choose one of {list(RESIDUALS)}")
+    if classwise_bn < 0 or (classwise_bn and norm != "batch"):
+        raise UserError(f"model.classwise_bn={classwise_bn} needs >= 0 and model.norm=batch")
     net = Network(_backbones()[name](num_classes, in_channels, norm, wrn_residual), heads)
     if bn_momentum is not None:
         set_bn_momentum(net, bn_momentum)
+    if classwise_bn:  # after set_bn_momentum: the branches keep their own momentum
+        net.add_classwise_norms(classwise_bn)
     return net
 
 
@@ -79,4 +88,4 @@ def set_bn_momentum(module: nn.Module, momentum: float) -> None:
             m.momentum = momentum
 
 
-__all__ = ["EMA", "ModelConfig", "ModelOutput", "Network", "build_model", "MODEL_NAMES"]
+__all__ = ["EMA", "BranchOutput", "ModelConfig", "ModelOutput", "Network", "build_model", "MODEL_NAMES"]

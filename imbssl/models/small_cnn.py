@@ -40,6 +40,10 @@ class SmallCNN(nn.Module):
         self.fc = nn.Linear(feat_dim, num_classes)
         self.feat_dim, self.num_classes = feat_dim, num_classes
 
+    def feature_map(self, x: Tensor) -> Tensor:
+        """The last activated feature map, before global pooling."""
+        return self.body(x)
+
     def forward(self, x: Tensor) -> ModelOutput:
-        feats = torch.flatten(nn.functional.adaptive_avg_pool2d(self.body(x), 1), 1)
+        feats = torch.flatten(nn.functional.adaptive_avg_pool2d(self.feature_map(x), 1), 1)
         return ModelOutput(self.fc(feats), feats)

@@ -93,8 +93,10 @@ class WideResNet(nn.Module):
                 nn.init.xavier_normal_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def feature_map(self, x: Tensor) -> Tensor:
+        """The last activated feature map, before global pooling."""
+        return F.leaky_relu(self.bn(self.stages(self.conv(x))), LEAKY_SLOPE)
+
     def forward(self, x: Tensor) -> ModelOutput:
-        out = self.stages(self.conv(x))
-        out = F.leaky_relu(self.bn(out), LEAKY_SLOPE)
-        feats = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        feats = torch.flatten(F.adaptive_avg_pool2d(self.feature_map(x), 1), 1)
         return ModelOutput(self.fc(feats), feats)

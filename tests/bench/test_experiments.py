@@ -113,7 +113,7 @@ def test_generator_reproduces_the_files():
         del sys.modules[spec.name]
     mini = {f"mini/{p.stem}" for p in (EXPERIMENTS / "mini").glob("*.yaml")}
     # CIFAR-100-LT gamma 20 base rows (not a _generate.py setting) come from a comparators generator
-    comparators = {n for g in EXPERIMENTS.glob("_generate_comparators_*.py") for n in _rows_of(g)}
+    comparators = {n for g in EXPERIMENTS.glob("_generate_*.py") for n in _rows_of(g)}
     assert set(gen.rows()) == {p.stem for p in row_files()} - comparators | mini
     assert gen.main(["--check"]) == 0, "run: python configs/experiment/_generate.py"
 

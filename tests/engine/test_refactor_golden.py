@@ -64,6 +64,7 @@ def _cases() -> dict[str, list[str]]:
     cases["fixmatch_darp"] = ["algorithm=fixmatch", "pseudo=darp", "pseudo.per_iters=2"]
     cases["tras_student"] = ["algorithm=tras", "algorithm.epoch_iters=3",
                              "algorithm.warmup_epochs=1", "pseudo=none"]
+    cases["cpe_classwise_bn"] = ["algorithm=cpe", "model.classwise_bn=3", "pseudo=none"]
     cases["crt"] = ["algorithm=crt", "pseudo=none", "algorithm.init_from=<fixmatch>"]
     cases["simpro_prior_steps"] = ["algorithm=simpro", "algorithm.epoch_iters=6", "pseudo=none"]
     return cases
