@@ -22,6 +22,8 @@ Hooks beyond ``step`` (no-op defaults; the trainer calls them without knowing th
     unlabeled set and gets
     back a ``LabeledSetUpdate`` (unlabeled images added to the labeled set with pseudo-labels,
     optionally restarting network, EMA and optimizer); it is checkpointed and logged per class.
+  * ``labeled_views``: extra augmentations of the labeled batch (``batch.x_lb_views``),
+    drawn after the unlabeled views; none by default (CCL's contrastive views).
   * ``labeled_sampling``: how the labeled batch stream samples ("shuffle" epochs,
     "class_balanced": class uniformly, then an image of it, or an object whose
     ``make(dataset, batch_size, seed, device)`` builds the stream, e.g. cRT's class-aware one).
@@ -75,7 +77,8 @@ class Batch:
     """Augmented, normalised images on the training device.
 
     ``x_ulb[i]`` is the unlabeled batch under the i-th view of ``algo.unlabeled_views``
-    (the same images in the same order in every view).
+    (the same images in the same order in every view); ``x_lb_views[i]`` is the labeled
+    batch under the i-th view of ``algo.labeled_views`` (``x_lb`` is its weak view).
     """
 
     x_lb: Tensor
@@ -83,6 +86,7 @@ class Batch:
     idx_lb: Tensor
     x_ulb: list[Tensor] = field(default_factory=list)
     idx_ulb: Tensor | None = None
+    x_lb_views: list[Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -112,6 +116,9 @@ class Algorithm(nn.Module):
     Config: ClassVar[type[AlgorithmConfig]] = AlgorithmConfig
     #: augmentations of the unlabeled batch the step needs, e.g. ("weak", "strong")
     unlabeled_views: ClassVar[tuple[str, ...]] = ()
+    #: extra augmentations of the labeled batch beside its weak view ``x_lb``, e.g.
+    #: ("strong", "strong") (CCL's two contrastive views); () = none, nothing is drawn
+    labeled_views: ClassVar[tuple[str, ...]] = ()
     #: labeled batch sampling: "shuffle" (epochs) | "class_balanced" (class, then image)
     labeled_sampling: ClassVar[str] = "shuffle"
     #: whether the method reads the validation set (the trainer refuses a run without one)

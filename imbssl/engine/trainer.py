@@ -317,6 +317,9 @@ class Trainer(RunState, PeriodicWork, DataPhases, ScalarLog, Stops):
             ub = ddp.even_shard(len(xu))
             batch.x_ulb = [self._prepare(v[ub]) for v in views]
             batch.idx_ulb, y_ulb = idx_u[ub], y_ulb[ub]
+        if self.algo.labeled_views:  # after the unlabeled views: no other method draws them
+            batch.x_lb_views = [self._prepare(aug.view(v, x, gen)[lb])
+                                for v in self.algo.labeled_views]
         return batch, y_ulb
 
     def train_step(self) -> None:

@@ -69,8 +69,10 @@ def make_batch(algo, labeled_labels: Tensor) -> Batch:
     idx_lb = torch.randperm(NUM_LABELED)[:BATCH]
     n_ulb = BATCH * algo.cfg.uratio
     views = [torch.randn(n_ulb, 1, 8, 8) for _ in algo.unlabeled_views]
-    return Batch(torch.randn(BATCH, 1, 8, 8), labeled_labels[idx_lb], idx_lb, views,
-                 torch.arange(n_ulb))
+    batch = Batch(torch.randn(BATCH, 1, 8, 8), labeled_labels[idx_lb], idx_lb, views,
+                  torch.arange(n_ulb))
+    batch.x_lb_views = [torch.randn(BATCH, 1, 8, 8) for _ in algo.labeled_views]
+    return batch
 
 
 def train_steps(algo, model, ema, opt, labeled_labels, steps: int = 2, total_steps: int = 10):
