@@ -207,3 +207,56 @@ def test_digits_lt_cli_run(tmp_path, pseudo):
     prior_all = [float(r["value"]) for r in est if r["metric"] == "prior_all"]
     first, last = prior_all[:10], prior_all[-10:]  # evaluations at steps 2 and 4
     assert sum(last) == pytest.approx(1.0, abs=1e-5) and first != last  # moved after step 2
+
+
+def test_yaml_restates_every_default_with_a_source():
+    """configs/algorithm/ccl.yaml: every field written, equal to the dataclass default, each
+    with a comment."""
+    import dataclasses
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from imbssl.algorithms.ccl import CCLConfig
+    from imbssl.cli import CONFIG_DIR
+
+    path = Path(CONFIG_DIR) / "algorithm" / "ccl.yaml"
+    values = OmegaConf.to_container(OmegaConf.load(path))
+    assert values.pop("defaults") == ["ccl_schema", "_self_"]
+    assert set(values) == {f.name for f in dataclasses.fields(CCLConfig)}
+    merged = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CCLConfig), values))
+    assert merged == CCLConfig()
+    for line in path.read_text().splitlines():
+        if line.split(":")[0] in values and not line.startswith("name:"):
+            assert "#" in line, line
+
+
+def test_experiment_rows_are_generated_and_compose():
+    """Every setting with the paper's recipe, with DASO's, and with DASO's + pseudo=daso; the
+    recipe's switches and the official per-setting values arrive in the composed config."""
+    from imbssl.cli import compose
+    from imbssl.engine.config import experiment_generator
+
+    gen = experiment_generator("_generate_ccl")
+    assert gen.main(["--check"]) == 0, "run: python configs/experiment/_generate_ccl.py"
+    settings = [f"cifar10_lt_g{g}_n{n}" for g in (100, 150) for n in (500, 1500)]
+    settings += [f"cifar10_lt_g100_n{n}_{m}" for n in (500, 1500) for m in ("uniform", "reversed")]
+    settings += [f"cifar100_lt_g10_n{n}" for n in (50, 150)]
+    want = {f"{s}_{v}" for s in settings for v in ("ccl_official", "ccl", "ccl_daso")}
+    assert set(gen.rows()) == want
+    for name in ("cifar10_lt_g100_n500_ccl_official", "cifar10_lt_g100_n1500_reversed_ccl",
+                 "cifar100_lt_g10_n50_ccl_daso"):
+        cfg = compose([f"experiment={name}"])
+        a, official = cfg.algorithm, name.endswith("_official")
+        assert cfg.experiment_name == name and a.name == "ccl" and a.uratio == 1
+        assert cfg.trainer.iterations == 250000 and cfg.trainer.batch_size == 64
+        assert (cfg.optim.schedule, cfg.model.bn_momentum, cfg.model.ema_buffers) == (
+            ("cosine", 0.001, "copy") if official else ("constant", 0.1, "average"))
+        assert (cfg.pseudo.name == "daso") == name.endswith("_daso")
+        if "reversed" in name:
+            assert (a.estimate_all_momentum, a.estimate_unlabeled_momentum,
+                    a.estimate_after_epochs, a.update_every) == (0.999, 0.999, 5, 100)
+        elif name.startswith("cifar10_"):
+            assert (a.estimate_all_momentum, a.estimate_after_epochs) == (0.9, 20)
+        else:
+            assert (a.estimate_all_momentum, a.estimate_after_epochs) == (0.5, 5)
