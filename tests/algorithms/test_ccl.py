@@ -153,9 +153,10 @@ def test_bad_values_and_missing_views_are_refused():
 RESUME = ["dataset=digits_lt", "trainer.batch_size=8", "trainer.eval_interval=4",
           "trainer.log_interval=2", "trainer.checkpoint_interval=4", "trainer.progress=false",
           "trainer.report=false", "trainer.tensorboard=false", "device=cpu", "pseudo=none",
-          "algorithm=ccl", "dataset.n1=30", "dataset.m1=60", "algorithm.threshold=0.5",
-          "algorithm.epoch_iters=3", "algorithm.update_every=2",
-          "algorithm.estimate_after_epochs=0"]
+          "algorithm=ccl", "dataset.n1=30", "dataset.m1=60", "algorithm.epoch_iters=3",
+          "algorithm.update_every=2", "algorithm.estimate_after_epochs=0",
+          # every image confident and low-energy: both counts are non-trivial at the checkpoint
+          "algorithm.threshold=0.01", "algorithm.energy_cutoff=10"]
 
 
 def _train(run_dir, iterations: int, resume: bool = False):
