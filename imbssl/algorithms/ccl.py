@@ -199,6 +199,8 @@ class CCL(Algorithm):
         reject_setting(cfg, "propagation_alpha", "in [0, 1)",
                        when=not 0 <= cfg.propagation_alpha < 1)
         reject_setting(cfg, "estimate_after_epochs", ">= 0", when=cfg.estimate_after_epochs < 0)
+        reject_setting(cfg, "lambda_cls", "in [0, 1] (the reliable loss weighs 1 - lambda_cls)",
+                       when=not 0 <= cfg.lambda_cls <= 1)
         reject_setting(cfg, "update_every", f"<= algorithm.epoch_iters ({cfg.epoch_iters}), "
                        "else the estimates never move", when=cfg.update_every > cfg.epoch_iters)
         if bool((self.labeled_prior == 0).any()):

@@ -139,6 +139,8 @@ def test_bad_values_and_missing_views_are_refused():
         make_setup("ccl", estimate_all_momentum=1.5)
     with pytest.raises(ValueError, match="update_every"):
         make_setup("ccl", update_every=0)
+    with pytest.raises(ValueError, match="lambda_cls"):
+        make_setup("ccl", lambda_cls=1.5)
     with pytest.raises(ValueError, match="never move"):  # an epoch shorter than the period
         make_setup("ccl", epoch_iters=20, update_every=500)
     with pytest.raises(UserError, match="logit_adjust"):
