@@ -72,6 +72,7 @@ def _daso(*extra: str) -> tuple[str, ...]:
 LA = "algorithm.logit_adjust=loss"
 ABC = ("algorithm=abc", "algorithm.epoch_iters=2")
 ACR = ("algorithm=acr", "algorithm.epoch_iters=20")
+CCL = ("algorithm=ccl", "algorithm.epoch_iters=20", "algorithm.update_every=20")  # as ACR's
 #: the official supervised solver (configs/cifar10/supervised.yaml, optim=sgd_multistep: lr 0.1,
 #: x0.01 at 199999 and 225000 of 250k, 6250 warm-up steps), scaled to the run's length
 SUPERVISED_SOLVER = ("optim=sgd_multistep", "optim.milestones={milestones}",
@@ -107,6 +108,7 @@ ROWS: list[Row] = [
     Row("fixmatch+abc+daso", (*ABC, *_daso()), ("Table 1, N1 500", 80.1)),
     Row("acr", (*ACR, "pseudo=none")),
     Row("acr+daso", (*ACR, *_daso())),
+    Row("ccl", (*CCL, "pseudo=none")), Row("ccl+daso", (*CCL, *_daso())),  # CCL, not in DASO
     Row("meanteacher", ("algorithm=meanteacher", "pseudo=none"), ("Table 3, N1 1500", 68.6)),
     Row("meanteacher+daso", ("algorithm=meanteacher", *_daso()), ("Table 3, N1 1500", 70.7)),
     Row("pseudolabel", ("algorithm=pseudolabel", "pseudo=none"), ("Table 11, N1 500", 47.8)),

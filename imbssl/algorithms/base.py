@@ -22,6 +22,8 @@ Hooks beyond ``step`` (no-op defaults; the trainer calls them without knowing th
     unlabeled set and gets
     back a ``LabeledSetUpdate`` (unlabeled images added to the labeled set with pseudo-labels,
     optionally restarting network, EMA and optimizer); it is checkpointed and logged per class.
+  * ``labeled_views``: extra augmentations of the labeled batch (``batch.x_lb_views``),
+    drawn after the unlabeled views; none by default (CCL's contrastive views).
   * ``labeled_sampling``: how the labeled batch stream samples ("shuffle" epochs,
     "class_balanced": class uniformly, then an image of it, or an object whose
     ``make(dataset, batch_size, seed, device)`` builds the stream, e.g. cRT's class-aware one).
