@@ -146,8 +146,9 @@ class CPE(Algorithm):
         super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
         reject_setting(cfg, "expert_taus", "three values >= 0",
                        when=len(cfg.expert_taus) != 3 or min(cfg.expert_taus) < 0)
-        reject_setting(cfg, "cuts", "two increasing class indices in [0, K)",
-                       when=len(cfg.cuts) != 2 or not 0 <= cfg.cuts[0] <= cfg.cuts[1] < num_classes)
+        # a cut >= K leaves its branch without pseudo-labels (official one_hot(...)[:, cut:])
+        reject_setting(cfg, "cuts", "two non-decreasing class indices >= 0",
+                       when=len(cfg.cuts) != 2 or not 0 <= cfg.cuts[0] <= cfg.cuts[1])
         reject_setting(cfg, "threshold", "in [0, 1]", when=not 0 <= cfg.threshold <= 1)
         reject_setting(cfg, "share_momentum", "in [0, 1)", when=not 0 <= cfg.share_momentum < 1)
         reject_setting(cfg, "epoch_iters", ">= 1", when=cfg.epoch_iters < 1)
