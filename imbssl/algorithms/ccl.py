@@ -33,7 +33,7 @@ after ``estimate_after_epochs`` they move ``pi_all <- beta pi_all + (1 - beta) c
 ``pi_u <- alpha_u pi_u + (1 - alpha_u) c_u / sum c_u`` and restart. ``pi_all`` starts at
 ``pi``, ``pi_u`` uniform. All of it lives in buffers, so a checkpoint resumes exactly.
 
-Differs from the official code (docs/_incoming/ccl.md lists each difference):
+Differs from the official code (docs/experiments.md, "CCL", lists each difference):
 
 * the labeled contrastive views are imbssl's strong view (RandAugment + Cutout), not the
   official SimCLR transform (random resized crop, colour jitter, grayscale, blur);
