@@ -27,6 +27,10 @@ EXIT_DISK_FULL = 74  # sysexits.h EX_IOERR
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL: try again (resume=true)
 
 
+#: options a one-line 'unknown option' error lists in full (every algorithm; experiments
+#: are many more and are cut)
+SHOWN_OPTIONS = 30
+
 def fail(message: str) -> int:
     import os
 
@@ -65,8 +69,9 @@ def describe(exc: BaseException) -> str:
         group, _, option = str(exc.missing_cfg_file).rpartition("/")
         options = [o for o in (exc.options or []) if not o.endswith("_schema")]
         if group and options:
-            shown = ", ".join(options[:12]) + (f", ... ({len(options)} in all, see "
-                                               f"configs/{group}/)" if len(options) > 12 else "")
+            shown = ", ".join(options[:SHOWN_OPTIONS]) + (
+                f", ... ({len(options)} in all, see configs/{group}/)"
+                if len(options) > SHOWN_OPTIONS else "")
             return f"unknown {group} {option!r} ({group}={option}); choose one of {shown}"
         return f"config {exc.missing_cfg_file!r} not found; check the name"
     if isinstance(exc, OverrideParseException):
