@@ -156,6 +156,23 @@ def dist_temperature_lines(s: Setting) -> list[str]:
     return ["pseudo:", f"  dist_temperature: {s.dist_temperature}  # DASO T_dist for {rule}"]
 
 
+def daso_protocol_row(header: str, comment: str, name: str, algorithm: str, s: Setting,
+                      daso: bool, dataset_lines: list[str],
+                      dataset: str = "cifar10_lt") -> tuple[str, str]:
+    """(name, YAML) of a method's row under the DASO protocol and recipe (WRN-28-2,
+    ``trainer=daso_protocol``, ``recipe=daso_official``), + DASO with the setting's T_dist:
+    the form of every comparator row that sits in one table with DASO."""
+    lines = [header, comment, "defaults:", f"  - override /dataset: {dataset}",
+             f"  - override /algorithm: {algorithm}",
+             f"  - override /pseudo: {'daso' if daso else 'none'}",
+             "  - override /model: wrn28_2", "  - override /trainer: daso_protocol",
+             "  - override /recipe: daso_official", *dataset_lines]
+    if daso:
+        lines += dist_temperature_lines(s)
+    lines += ["run_dir: runs/${experiment_name}-seed${seed}", f"experiment_name: {name}"]
+    return name, "\n".join(lines) + "\n"
+
+
 def render(s: Setting, algo: str, daso: bool) -> tuple[str, str]:
     name = f"{s.name}_{algo}{'_daso' if daso else ''}"
     label = {"fixmatch": "FixMatch", "remixmatch": "ReMixMatch", "mixmatch": "MixMatch",

@@ -94,15 +94,9 @@ def render_official(s) -> tuple[str, str]:
 def render_daso_protocol(s, daso: bool) -> tuple[str, str]:
     """CDMAD (+ DASO) in setting ``s`` under the DASO protocol and recipe."""
     name = f"{s.name}_cdmad{'_daso' if daso else ''}"
-    lines = [HEADER, f"{_where(s)}; {METHOD}{' + DASO' if daso else ''}, the DASO protocol.",
-             "defaults:", f"  - override /dataset: {s.dataset}", "  - override /algorithm: cdmad",
-             f"  - override /pseudo: {'daso' if daso else 'none'}",
-             "  - override /model: wrn28_2", "  - override /trainer: daso_protocol",
-             "  - override /recipe: daso_official", *_dataset_lines(s)]
-    if daso:
-        lines += BASE.dist_temperature_lines(s)
-    lines += ["run_dir: runs/${experiment_name}-seed${seed}", f"experiment_name: {name}"]
-    return name, "\n".join(lines) + "\n"
+    comment = f"{_where(s)}; {METHOD}{' + DASO' if daso else ''}, the DASO protocol."
+    return BASE.daso_protocol_row(HEADER, comment, name, "cdmad", s, daso, _dataset_lines(s),
+                                  s.dataset)
 
 
 def rows() -> dict[str, str]:

@@ -53,17 +53,9 @@ def render(s, method: str, daso: bool) -> tuple[str, str]:
     name = f"{s.name}_{method}{'_daso' if daso else ''}"
     own = ("; the main CIFAR-10-LT setting of its official code"
            if s.name == OWN_PAPER_SETTING and method != "debiaspl" else "")
-    lines = [HEADER, f"# {BASE.PAPER} {s.table} setting: {s.describe()}; {METHODS[method]}"
-             f"{' + DASO' if daso else ''}, not in the DASO paper{own}.",
-             "defaults:", "  - override /dataset: cifar10_lt",
-             f"  - override /algorithm: {method}",
-             f"  - override /pseudo: {'daso' if daso else 'none'}",
-             "  - override /model: wrn28_2", "  - override /trainer: daso_protocol",
-             "  - override /recipe: daso_official", *_dataset_lines(s)]
-    if daso:
-        lines += BASE.dist_temperature_lines(s)
-    lines += ["run_dir: runs/${experiment_name}-seed${seed}", f"experiment_name: {name}"]
-    return name, "\n".join(lines) + "\n"
+    comment = (f"# {BASE.PAPER} {s.table} setting: {s.describe()}; {METHODS[method]}"
+               f"{' + DASO' if daso else ''}, not in the DASO paper{own}.")
+    return BASE.daso_protocol_row(HEADER, comment, name, method, s, daso, _dataset_lines(s))
 
 
 def rows() -> dict[str, str]:

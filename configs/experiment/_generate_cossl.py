@@ -63,15 +63,8 @@ def _where(s) -> str:
 def render(s, daso: bool) -> tuple[str, str]:
     """CoSSL (+ DASO) in setting ``s``."""
     name = f"{s.name}_cossl{'_daso' if daso else ''}"
-    lines = [HEADER, f"# {_where(s)}; {METHOD}{' + DASO' if daso else ''}.",
-             "defaults:", "  - override /dataset: cifar10_lt", "  - override /algorithm: cossl",
-             f"  - override /pseudo: {'daso' if daso else 'none'}",
-             "  - override /model: wrn28_2", "  - override /trainer: daso_protocol",
-             "  - override /recipe: daso_official", *_dataset_lines(s)]
-    if daso:
-        lines += BASE.dist_temperature_lines(s)
-    lines += ["run_dir: runs/${experiment_name}-seed${seed}", f"experiment_name: {name}"]
-    return name, "\n".join(lines) + "\n"
+    comment = f"# {_where(s)}; {METHOD}{' + DASO' if daso else ''}."
+    return BASE.daso_protocol_row(HEADER, comment, name, "cossl", s, daso, _dataset_lines(s))
 
 
 def rows() -> dict[str, str]:

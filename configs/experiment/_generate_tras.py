@@ -53,16 +53,8 @@ def render(s, daso: bool) -> tuple[str, str]:
         where = f"# {s.table} setting (the paper's CIFAR-10-LT protocol): {s.describe()}"
     else:
         where = f"# {BASE.PAPER} {s.table} setting: {s.describe()}"
-    lines = [HEADER, f"{where}; {METHOD}{' + DASO' if daso else ''}, not in the DASO paper.",
-             "defaults:", "  - override /dataset: cifar10_lt",
-             "  - override /algorithm: tras",
-             f"  - override /pseudo: {'daso' if daso else 'none'}",
-             "  - override /model: wrn28_2", "  - override /trainer: daso_protocol",
-             "  - override /recipe: daso_official", *_dataset_lines(s)]
-    if daso:
-        lines += BASE.dist_temperature_lines(s)
-    lines += ["run_dir: runs/${experiment_name}-seed${seed}", f"experiment_name: {name}"]
-    return name, "\n".join(lines) + "\n"
+    comment = f"{where}; {METHOD}{' + DASO' if daso else ''}, not in the DASO paper."
+    return BASE.daso_protocol_row(HEADER, comment, name, "tras", s, daso, _dataset_lines(s))
 
 
 def rows() -> dict[str, str]:
