@@ -37,10 +37,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from imbssl.algorithms import register
-from imbssl.algorithms.base import Batch, StepState, reject_setting
+from imbssl.algorithms.base import Batch, StepState, refuse_logit_adjust, reject_setting
 from imbssl.algorithms.fixmatch import FixMatch, FixMatchConfig, fixmatch_mask
 from imbssl.algorithms.ops import soft_cross_entropy
-from imbssl.errors import UserError
 from imbssl.pseudo.base import add_extra_loss, hard_labels
 
 ABC_HEAD = "abc"
@@ -92,10 +91,7 @@ class ABC(FixMatch):
 
     def __init__(self, cfg: ABCConfig, num_classes: int, feat_dim: int,
                  labeled_labels: Tensor, refiner=None):
-        if getattr(cfg, "logit_adjust", "none") != "none":
-            raise UserError(f"algorithm=abc balances with its own classifier; "
-                            f"algorithm.logit_adjust={cfg.logit_adjust} does not apply, set "
-                            "algorithm.logit_adjust=none")
+        refuse_logit_adjust(cfg, "abc", "balances with its own classifier")
         super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
         reject_setting(cfg, "epoch_iters", ">= 1", when=cfg.epoch_iters < 1)
         counts = torch.bincount(labeled_labels.long().cpu(), minlength=num_classes)

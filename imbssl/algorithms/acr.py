@@ -56,9 +56,15 @@ from torch.nn import functional as F
 
 from imbssl.algorithms import register
 from imbssl.algorithms.abc import linear_head
-from imbssl.algorithms.base import Algorithm, AlgorithmConfig, Batch, StepState, reject_setting
+from imbssl.algorithms.base import (
+    Algorithm,
+    AlgorithmConfig,
+    Batch,
+    StepState,
+    refuse_logit_adjust,
+    reject_setting,
+)
 from imbssl.collectives import all_gather_cat
-from imbssl.errors import UserError
 from imbssl.pseudo.base import add_extra_loss, hard_labels
 
 BALANCED_HEAD = "balanced"
@@ -123,10 +129,7 @@ class ACR(Algorithm):
 
     def __init__(self, cfg: ACRConfig, num_classes: int, feat_dim: int,
                  labeled_labels: Tensor, refiner=None):
-        if getattr(cfg, "logit_adjust", "none") != "none":
-            raise UserError(f"algorithm=acr adjusts its logits itself (adaptive tau); "
-                            f"algorithm.logit_adjust={cfg.logit_adjust} does not apply, set "
-                            "algorithm.logit_adjust=none")
+        refuse_logit_adjust(cfg, "acr", "adjusts its logits itself (adaptive tau)")
         super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
         for key in ("tau_max", "tau_balanced_target", "tau_balanced_labeled",
                     "estimate_after_epochs"):

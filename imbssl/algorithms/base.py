@@ -325,6 +325,16 @@ class Algorithm(nn.Module):
         return {"ctaugment/proximity": cta.probe_step(state.ema_model, batch.x_lb, batch.y_lb)}
 
 
+def refuse_logit_adjust(cfg, name: str, why: str) -> None:
+    """One line, exit 2, when ``algorithm.logit_adjust`` is set for a method that adjusts (or
+    balances) its logits itself: ``why`` says how, e.g. "adjusts its logits itself"."""
+    if getattr(cfg, "logit_adjust", "none") != "none":
+        from imbssl.errors import UserError
+
+        raise UserError(f"algorithm={name} {why}; algorithm.logit_adjust={cfg.logit_adjust} "
+                        "does not apply, set algorithm.logit_adjust=none")
+
+
 def reject_setting(cfg, field: str, rule: str, when: bool) -> None:
     """Raise ``ValueError("algorithm.<field> must be <rule>, got <value>")`` when ``when``
     (the constructors' check of their settings)."""

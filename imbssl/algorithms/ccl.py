@@ -63,7 +63,14 @@ from torch.nn import functional as F
 from imbssl.algorithms import register
 from imbssl.algorithms.abc import linear_head
 from imbssl.algorithms.acr import logit_adjustment
-from imbssl.algorithms.base import Algorithm, AlgorithmConfig, Batch, StepState, reject_setting
+from imbssl.algorithms.base import (
+    Algorithm,
+    AlgorithmConfig,
+    Batch,
+    StepState,
+    refuse_logit_adjust,
+    reject_setting,
+)
 from imbssl.collectives import all_reduce_sum
 from imbssl.errors import UserError
 from imbssl.pseudo.base import add_extra_loss, hard_labels
@@ -185,10 +192,7 @@ class CCL(Algorithm):
 
     def __init__(self, cfg: CCLConfig, num_classes: int, feat_dim: int,
                  labeled_labels: Tensor, refiner=None):
-        if getattr(cfg, "logit_adjust", "none") != "none":
-            raise UserError(f"algorithm=ccl adjusts its logits itself (estimated priors); "
-                            f"algorithm.logit_adjust={cfg.logit_adjust} does not apply, set "
-                            "algorithm.logit_adjust=none")
+        refuse_logit_adjust(cfg, "ccl", "adjusts its logits itself (estimated priors)")
         super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
         for key in ("estimate_unlabeled_momentum", "estimate_all_momentum"):
             reject_setting(cfg, key, "in [0, 1]", when=not 0 <= getattr(cfg, key) <= 1)

@@ -56,7 +56,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from imbssl.algorithms import register
-from imbssl.algorithms.base import Algorithm, AlgorithmConfig, Batch, StepState, reject_setting
+from imbssl.algorithms.base import (
+    Algorithm,
+    AlgorithmConfig,
+    Batch,
+    StepState,
+    refuse_logit_adjust,
+    reject_setting,
+)
 from imbssl.collectives import all_gather_cat, all_reduce_mean
 from imbssl.errors import UserError
 from imbssl.pseudo.base import IdentityRefiner, add_extra_loss, hard_labels
@@ -134,10 +141,7 @@ class CPE(Algorithm):
 
     def __init__(self, cfg: CPEConfig, num_classes: int, feat_dim: int,
                  labeled_labels: Tensor, refiner=None):
-        if getattr(cfg, "logit_adjust", "none") != "none":
-            raise UserError(f"algorithm=cpe adjusts its experts' logits itself; "
-                            f"algorithm.logit_adjust={cfg.logit_adjust} does not apply, set "
-                            "algorithm.logit_adjust=none")
+        refuse_logit_adjust(cfg, "cpe", "adjusts its experts' logits itself")
         one_per_step = refiner is not None and type(refiner) is not IdentityRefiner
         if one_per_step and not isinstance(refiner, DASO):
             raise UserError(f"algorithm=cpe refines the pseudo-labels of each of its three "

@@ -53,9 +53,15 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from imbssl.algorithms import register
-from imbssl.algorithms.base import Algorithm, AlgorithmConfig, Batch, StepState, reject_setting
+from imbssl.algorithms.base import (
+    Algorithm,
+    AlgorithmConfig,
+    Batch,
+    StepState,
+    refuse_logit_adjust,
+    reject_setting,
+)
 from imbssl.collectives import all_reduce_sum, world_size
-from imbssl.errors import UserError
 from imbssl.pseudo.base import add_extra_loss, hard_labels
 
 
@@ -125,10 +131,7 @@ class SimPro(Algorithm):
 
     def __init__(self, cfg: SimProConfig, num_classes: int, feat_dim: int,
                  labeled_labels: Tensor, refiner=None):
-        if getattr(cfg, "logit_adjust", "none") != "none":
-            raise UserError(f"algorithm=simpro adjusts its logits itself (estimated priors); "
-                            f"algorithm.logit_adjust={cfg.logit_adjust} does not apply, set "
-                            "algorithm.logit_adjust=none")
+        refuse_logit_adjust(cfg, "simpro", "adjusts its logits itself (estimated priors)")
         super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
         reject_setting(cfg, "prior_tau", ">= 0", when=cfg.prior_tau < 0)
         reject_setting(cfg, "prior_momentum", "in [0, 1)", when=not 0 <= cfg.prior_momentum < 1)

@@ -60,11 +60,10 @@ from torch.nn import functional as F
 
 from imbssl.algorithms import register
 from imbssl.algorithms.abc import linear_head
-from imbssl.algorithms.base import Batch, StepState, reject_setting
+from imbssl.algorithms.base import Batch, StepState, refuse_logit_adjust, reject_setting
 from imbssl.algorithms.fixmatch import FixMatch, FixMatchConfig, fixmatch_mask
 from imbssl.algorithms.ops import aligned_refined_probs, one_hot
 from imbssl.collectives import all_gather_cat
-from imbssl.errors import UserError
 from imbssl.pseudo.base import add_extra_loss, hard_labels
 
 STUDENT_HEAD = "student"
@@ -134,10 +133,7 @@ class TRAS(FixMatch):
 
     def __init__(self, cfg: TRASConfig, num_classes: int, feat_dim: int,
                  labeled_labels: Tensor, refiner=None):
-        if getattr(cfg, "logit_adjust", "none") != "none":
-            raise UserError(f"algorithm=tras adjusts its logits itself; "
-                            f"algorithm.logit_adjust={cfg.logit_adjust} does not apply, set "
-                            "algorithm.logit_adjust=none")
+        refuse_logit_adjust(cfg, "tras", "adjusts its logits itself")
         super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
         reject_setting(cfg, "epoch_iters", ">= 1", when=cfg.epoch_iters < 1)
         reject_setting(cfg, "warmup_epochs", ">= 0", when=cfg.warmup_epochs < 0)
