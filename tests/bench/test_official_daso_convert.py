@@ -220,9 +220,9 @@ def test_queue_trains_two_jobs_at_once_and_records_each(tmp_path, monkeypatch):
 
     def fake_command(job, run_dir, official):
         started.append(job.name)
-        body = ("import json, pathlib, time; d = pathlib.Path(%r); d.mkdir(); t = time.time(); "
-                "time.sleep(0.5); (d / 'summary.json').write_text(json.dumps("
-                "{'status': 'finished', 'span': [t, time.time()]}))" % str(run_dir))
+        body = (f"import json, pathlib, time; d = pathlib.Path({str(run_dir)!r}); d.mkdir(); "
+                "t = time.time(); time.sleep(0.5); (d / 'summary.json').write_text(json.dumps("
+                "{'status': 'finished', 'span': [t, time.time()]}))")
         return [sys.executable, "-c", body]
 
     monkeypatch.setattr(queue, "command", fake_command)
