@@ -10,9 +10,15 @@ config/classic_cv_imb/fixmatch_cpe/*.yaml): CIFAR-10-LT with N1 500 / M1 4000 an
 N1 1500 / M1 3000, gamma_l 100 with a consistent (gamma_u 100), uniform (gamma_u 1) and
 reversed (gamma_u -100) unlabeled set, gamma 150 consistent, and CIFAR-100-LT gamma 10 with
 N1 150 / M1 300. They are DASO's settings (configs/experiment/_generate.py), so the rows sit
-in one table with DASO's. Every row trains CPE's network: WRN-28-2 with classwise batch
-normalisation (``model.classwise_bn=3``; official ``net: wrn_28_2_cbn``) and the official
-``cut1``/``cut2`` (CIFAR-10: 2, 4; CIFAR-100: 35, 70). Three rows per setting:
+in one table with DASO's. One exception: CPE's own "uniform" is not DASO's (nor ACR's). The
+official configs' ``ulb_num_labels: 4000`` (3000) with ``ulb_imb_ratio: 1`` make USB draw
+4000 / 10 = 400 (300) unlabeled images a class (``semilearn/datasets/utils.py``:
+``ulb_num_labels / num_classes``; the official logs print ``ulb_dest_len=4000``), where DASO's
+uniform has M1 a class. CPE's uniform rows are therefore ``<setting>_m400_cpe_official`` (and
+``_m300``), with the official recipe only; the ``_uniform_cpe*`` rows are CPE in DASO's uniform
+setting. Every row trains CPE's network: WRN-28-2 with classwise batch normalisation
+(``model.classwise_bn=3``; official ``net: wrn_28_2_cbn``) and the official ``cut1``/``cut2``
+(CIFAR-10: 2, 4; CIFAR-100: 35, 70). Three rows per setting:
 
 * ``<setting>_cpe_official``: the official recipe (``recipe=cpe_official``: 2**18 steps,
   cosine lr, evaluation every 1024 steps; the paper reports the best accuracy);
@@ -23,6 +29,7 @@ normalisation (``model.classwise_bn=3``; official ``net: wrn_28_2_cbn``) and the
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from imbssl.engine.config import experiment_generator
@@ -37,10 +44,29 @@ CUTS = {"cifar10_lt": [2, 4], "cifar100_lt": [35, 70]}
 CHECKPOINT_INTERVAL = 8192  # 8 evaluations of the official recipe
 
 
+@dataclass(frozen=True)
+class OwnUniform(BASE.Setting):
+    """CPE's own uniform setting: M1 / 10 unlabeled images in every class (USB's balanced
+    split of ``ulb_num_labels`` = M1), named after the per-class count."""
+
+    @property
+    def name(self) -> str:
+        return f"{super().name}_m{self.m1}"
+
+
 def settings() -> list:
     """CPE's settings: every CIFAR-10-LT setting of DASO's and CIFAR-100-LT gamma 10, N1 150."""
     return [s for s in BASE.settings()
             if s.dataset == "cifar10_lt" or (s.dataset == "cifar100_lt" and s.n1 == 150)]
+
+
+def own_uniform(s) -> OwnUniform:
+    """CPE's uniform beside DASO's uniform setting ``s`` (official configs ``*_ulb<M1>_1_*``)."""
+    return OwnUniform(s.dataset, s.prefix, "CPE Table 3", s.n1, s.m1 // 10, s.gamma_l, 1)
+
+
+def own_uniform_settings() -> list[OwnUniform]:
+    return [own_uniform(s) for s in settings() if s.dataset == "cifar10_lt" and s.gamma_u == 1]
 
 
 def _dataset_lines(s) -> list[str]:
@@ -54,7 +80,14 @@ def render(s, variant: str) -> tuple[str, str]:
     what = {"official": "with the official CPE recipe",
             "daso_protocol": "with DASO's protocol and recipe",
             "daso": "+ DASO with DASO's protocol and recipe"}[variant]
-    lines = [HEADER, f"# {PAPER} setting: {s.describe()}; CPE {what}.",
+    lines = [HEADER, f"# {PAPER} setting: {s.describe()}; CPE {what}."]
+    if isinstance(s, OwnUniform):
+        lines += [f"# CPE's own uniform: official ulb_num_labels {s.m1 * 10} with ulb_imb_ratio 1, "
+                  f"which USB splits into {s.m1} images a class."]
+    elif s.gamma_u == 1:
+        lines += ["# DASO's (and ACR's) uniform, M1 images a class; CPE's own uniform has M1 / 10 "
+                  f"a class (row {own_uniform(s).name}_cpe_official)."]
+    lines += [
              "defaults:", f"  - override /dataset: {s.dataset}",
              "  - override /algorithm: cpe",
              f"  - override /pseudo: {'daso' if variant == 'daso' else 'none'}",
@@ -76,7 +109,8 @@ def render(s, variant: str) -> tuple[str, str]:
 
 def rows() -> dict[str, str]:
     """{file stem: YAML text} of every row."""
-    return dict(render(s, v) for s in settings() for v in ("official", "daso_protocol", "daso"))
+    rows = [render(s, v) for s in settings() for v in ("official", "daso_protocol", "daso")]
+    return dict(rows + [render(s, "official") for s in own_uniform_settings()])
 
 
 def main(argv: list[str] | None = None) -> int:

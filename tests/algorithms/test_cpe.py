@@ -157,7 +157,7 @@ def test_refusals_are_one_line_exit_2(tmp_path, override, word):
     assert word in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-def _train(run_dir, iterations: int, resume: bool = False) -> None:
+def _train(run_dir, iterations: int, resume: bool = False, *extra: str) -> None:
     from hydra.core.global_hydra import GlobalHydra
 
     from imbssl.cli import compose
@@ -170,7 +170,7 @@ def _train(run_dir, iterations: int, resume: bool = False) -> None:
                    "trainer.checkpoint_interval=6", "trainer.progress=false",
                    "trainer.report=false", "trainer.tensorboard=false", "device=cpu",
                    "dataset.n1=30", "dataset.m1=60", f"trainer.iterations={iterations}",
-                   f"run_dir={run_dir}", f"resume={'true' if resume else 'false'}"])
+                   f"run_dir={run_dir}", f"resume={'true' if resume else 'false'}", *extra])
     Trainer(cfg).run()
 
 
@@ -185,6 +185,21 @@ def test_an_interrupted_run_resumes_exactly(tmp_path):
             assert torch.equal(b[part][key], value), (part, key)
 
 
+@pytest.mark.slow
+def test_classwise_bn_trains_the_same_under_torch_compile(tmp_path):
+    """CPE's rows turn on ``trainer.compile`` (the DASO protocol): 4 steps of the compiled
+    network (inductor) end where the eager ones do, to float rounding, branches included."""
+    fp32 = ("trainer.precision=fp32", "trainer.eval_interval=4", "trainer.checkpoint_interval=4")
+    _train(tmp_path / "eager", 4, False, *fp32, "trainer.compile=false")
+    _train(tmp_path / "compiled", 4, False, *fp32, "trainer.compile=true")
+    a, b = checkpoint(tmp_path / "eager", 4), checkpoint(tmp_path / "compiled", 4)
+    assert any("classwise_norms.norms.2.running_var" in key for key in b["model"])
+    for part in ("model", "ema", "algorithm"):
+        assert set(a[part]) == set(b[part]), part
+        for key, value in a[part].items():
+            torch.testing.assert_close(b[part][key], value, atol=1e-3, rtol=1e-3, msg=key)
+
+
 def test_experiment_rows_are_current_and_compose():
     from imbssl.cli import compose
     from imbssl.engine.config import experiment_generator
@@ -192,7 +207,10 @@ def test_experiment_rows_are_current_and_compose():
     gen = experiment_generator("_generate_cpe")
     assert gen.main(["--check"]) == 0, "run: python configs/experiment/_generate_cpe.py"
     names = set(gen.rows())
-    assert len(names) == 9 * 3 and "cifar100_lt_g10_n150_cpe_official" in names
+    assert len(names) == 9 * 3 + 2 and "cifar100_lt_g10_n150_cpe_official" in names
+    own_uniform = compose(["experiment=cifar10_lt_g100_n500_uniform_m400_cpe_official"])
+    # CPE's uniform: official ulb_num_labels 4000, ulb_imb_ratio 1 -> 400 images a class
+    assert (own_uniform.dataset.m1, own_uniform.dataset.gamma_u) == (400, 1)
     official = compose(["experiment=cifar100_lt_g10_n150_cpe_official"])
     assert official.algorithm.cuts == [35, 70] and official.model.classwise_bn == 3
     assert (official.trainer.iterations, official.trainer.eval_interval) == (262144, 1024)
