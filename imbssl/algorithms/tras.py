@@ -1,6 +1,6 @@
-"""TRAS: Transfer and Share (Wei, Liu, Shi, Tu and Guo, ICLR 2023, "Transfer and Share:
-Semi-Supervised Learning from Long-Tailed Data"), following the authors' ``train.py``
-(github.com/Stomach-ache/TRAS, functions ``train``, ``compute_adjustment``,
+"""TRAS: Transfer and Share (Wei, Liu, Shi, Tu and Guo, "Transfer and Share: Semi-Supervised
+Learning from Long-Tailed Data", Machine Learning 2024, arXiv 2205.13358), following the
+authors' ``train.py`` (github.com/Stomach-ache/TRAS, functions ``train``, ``compute_adjustment``,
 ``balanced_softmax_loss``, ``KL``).
 
 One backbone, two linear classifiers on its features (feature *sharing*): the teacher (the

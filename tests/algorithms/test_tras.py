@@ -1,4 +1,4 @@
-"""TRAS (Wei et al., ICLR 2023): the adjustment, transfer scale and transferred target on
+"""TRAS (Wei et al., Machine Learning 2024): the adjustment, transfer scale and transferred target on
 hand-computed cases; the teacher's pseudo-labels follow the adjusted logits; the student trains
 after the warm-up and evaluation switches to it then; exact state round trip and resume;
 digits-LT runs with and without DASO."""
