@@ -47,14 +47,14 @@ class Row:
     label: str
     overrides: tuple[str, ...]
     #: the published CIFAR-10-LT value for orientation: (where, value %), or None; from the
-    #: DASO paper unless ``source`` names the method's own paper (read from its text)
+    #: DASO paper unless ``source`` names another (the method's own paper, or a later one)
     paper: tuple[str, float] | None = None
     #: a row whose finished run (same seed) this row starts from (``{after}`` in overrides)
     after: str | None = None
     #: a row whose runs this row is read from (their post-hoc LA metric): trains nothing
     reads: str | None = None
     notes: tuple[str, ...] = field(default=())
-    #: the paper ``paper`` is read from, when it is not the DASO paper (e.g. "Adsh, ICML 2022")
+    #: the paper ``paper`` is read from, when it is not the DASO paper (e.g. "CCL, NeurIPS 2024")
     source: str | None = None
 
 
@@ -145,19 +145,25 @@ ROWS: list[Row] = [
                       *(_daso() if d else ("pseudo=none",)))) for d in ("", "+daso")],
 ]
 
-#: Methods outside the DASO paper: the value their own paper publishes (CIFAR-10-LT, gamma 100,
-#: WRN-28-2), read where docs/experiments.md's accuracy anchor table says (only the DASO and
-#: CCL papers' text could be read here): (where, value %, paper and source).
-OWN_PAPER = {
+#: Methods outside the DASO paper: a published value (CIFAR-10-LT, gamma 100, WRN-28-2),
+#: read where docs/experiments.md's accuracy anchor table says: (where, value %, source). The
+#: source is the method's own paper where its value could be read (its text, or its official
+#: repository's copy of its table); for Adsh, SAW and DebiasPL, whose papers' texts are not
+#: readable here, a later paper that ran them, named as such. TRAS: no CIFAR value was found.
+OUTSIDE_DASO_PAPER = {
+    "adsh": ("Table 2, N1 500", 73.0, "SEVAL (2024), its run in DASO's setting, not Adsh's paper"),
+    "saw": ("Table 2, N1 500", 74.6, "SEVAL (2024), its run in DASO's setting, not SAW's paper"),
+    "debiaspl": ("Table 1, N1 1500", 80.6,
+                 "DyTrim (ICLR 2026), CDMAD's setting, not DebiasPL's paper"),
     "acr": ("N1 500", 81.6, "ACR, CVPR 2023 (reprinted in CCL's Table 2)"),
     "cossl": ("Table 1, N1 1500", 83.2, "CoSSL, CVPR 2022 (official README)"),
-    "cpe": ("N1 500", 80.7, "CPE, AAAI 2024 (reprinted in CCL's Table 2)"),
+    "cpe": ("N1 500", 80.7, "CPE, AAAI 2024 (reprinted in CCL's Table 2; official logs 80.65)"),
     "ccl": ("Table 2, N1 500", 84.5, "CCL, NeurIPS 2024 (paper text)"),
     "simpro": ("Table 1, N1 500", 80.7, "SimPro, ICML 2024 (official README's figure)"),
-    "cdmad": ("Table 1, N1 1500", 83.6, "CDMAD, CVPR 2024 (third-party transcription)"),
+    "cdmad": ("Table 1, N1 1500", 83.6, "CDMAD, CVPR 2024 (reprinted in DyTrim's Table 1)"),
 }
-ROWS = [replace(r, paper=OWN_PAPER[r.label][:2], source=OWN_PAPER[r.label][2])
-        if r.label in OWN_PAPER else r for r in ROWS]
+ROWS = [replace(r, paper=OUTSIDE_DASO_PAPER[r.label][:2], source=OUTSIDE_DASO_PAPER[r.label][2])
+        if r.label in OUTSIDE_DASO_PAPER else r for r in ROWS]
 
 
 def rows_by_label() -> dict[str, Row]:
@@ -294,8 +300,9 @@ evaluations (every {t['eval_interval']} iterations), *final* = the last evaluati
 the 3 classes with the fewest labels (digits {', '.join(map(str, r0['tail_classes']))}).
 Right: the value the DASO paper (Oh et al., CVPR 2022) prints for the same method on
 CIFAR-10-LT with WRN-28-2 and 250k iterations or, where the cell names another paper, the
-value the method's own paper prints (its table and setting named; its own protocol), for
-orientation only; "–" where no paper has such a row.
+value that paper prints (its table and setting named; its own protocol): the method's own
+paper where its value could be read, else a later paper that ran the method, which the cell
+says. For orientation only; "–" where no paper has such a row.
 
 {table(records, rows)}
 {chr(10) + note + chr(10) if note else ""}
