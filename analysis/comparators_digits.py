@@ -159,7 +159,8 @@ OUTSIDE_DASO_PAPER = {
     "cossl": ("Table 1, N1 1500", 83.2, "CoSSL, CVPR 2022 (official README)"),
     "cpe": ("N1 500", 80.7, "CPE, AAAI 2024 (reprinted in CCL's Table 2; official logs 80.65)"),
     "ccl": ("Table 2, N1 500", 84.5, "CCL, NeurIPS 2024 (paper text)"),
-    "simpro": ("Table 1, N1 500", 80.7, "SimPro, ICML 2024 (official README's figure)"),
+    "simpro": ("Table 1, N1 500", 80.7,
+               "SimPro, ICML 2024 (its Table 1 as typeset, an image in its repository)"),
     "cdmad": ("Table 1, N1 1500", 83.6, "CDMAD, CVPR 2024 (reprinted in DyTrim's Table 1)"),
 }
 ROWS = [replace(r, paper=OUTSIDE_DASO_PAPER[r.label][:2], source=OUTSIDE_DASO_PAPER[r.label][2])
