@@ -10,8 +10,7 @@ import shutil
 import pytest
 import torch
 
-from imbssl.algorithms import StepState
-from imbssl.algorithms import algorithm_class
+from imbssl.algorithms import StepState, algorithm_class
 from imbssl.algorithms.cossl import (
     BASES,
     COSSL_HEAD,
