@@ -208,16 +208,25 @@ def test_a_bad_base_is_one_line_and_exit_2(tmp_path, capsys, overrides, words):
 def test_rows_are_generated_and_compose():
     from imbssl.cli import compose
     from imbssl.engine.config import experiment_generator
+    from imbssl.typed_config import typed
 
     gen = experiment_generator("_generate_cossl")
     assert gen.main(["--check"]) == 0, "run: python configs/experiment/_generate_cossl.py"
     rows = gen.rows()
-    # the DASO paper's 8 CIFAR-10-LT settings and CoSSL's gamma 50, each +/- DASO
-    assert len(rows) == 18 and "cifar10_lt_g50_n1500_cossl" in rows
+    # FixMatch: the DASO paper's 8 CIFAR-10-LT settings and CoSSL's gamma 50, each +/- DASO;
+    # MixMatch, ReMixMatch: CoSSL's own gamma 50, 100, 150 (N1 1500, M1 3000), each +/- DASO
+    assert len(rows) == 18 + 2 * 3 * 2 and "cifar10_lt_g50_n1500_cossl" in rows
     for name in rows:
         cfg = compose([f"experiment={name}", "seed=3"])
         assert cfg.experiment_name == name and cfg.algorithm.name == "cossl"
         assert cfg.model.name == "wrn28_2" and cfg.trainer.iterations == 250000
         assert (cfg.pseudo.name == "daso") == name.endswith("_daso")
+        base = next((b for b in ("remixmatch", "mixmatch") if f"_{b}_" in name), "fixmatch")
+        algo = typed(cfg, "algorithm", CoSSLConfig)
+        assert algo.base == base and algo.uratio == (2 if base == "fixmatch" else 1)
+    for gamma in (50, 100, 150):
+        for base in ("mixmatch", "remixmatch"):
+            data = compose([f"experiment=cifar10_lt_g{gamma}_n1500_{base}_cossl"]).dataset
+            assert (data.n1, data.m1, data.gamma_l, data.gamma_u) == (1500, 3000, gamma, gamma)
     g50 = compose(["experiment=cifar10_lt_g50_n1500_cossl"]).dataset
     assert (g50.n1, g50.m1, g50.gamma_l, g50.gamma_u) == (1500, 3000, 50, 50)
