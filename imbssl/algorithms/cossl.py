@@ -241,6 +241,7 @@ class CoLearning:
         reject_setting(cfg, "warm_lr", "> 0", cfg.warm_lr <= 0)
         reject_setting(cfg, "warm_ema_decay", "in [0, 1]", not 0.0 <= cfg.warm_ema_decay <= 1.0)
         reject_setting(cfg, "tfe_beta", "> 0", cfg.tfe_beta <= 0)
+        reject_setting(cfg, "colearn_lambda_u", ">= 0", cfg.colearn_lambda_u < 0)
         super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
         counts = torch.bincount(labeled_labels.long().cpu(), minlength=num_classes)
         if bool((counts == 0).any()):

@@ -182,7 +182,8 @@ def test_daso_composes(tiny_cfg, base):
 
 @pytest.mark.parametrize("override, field", [
     ("algorithm.pretrain_fraction=1.0", "pretrain_fraction"),
-    ("algorithm.max_lam=1.5", "max_lam"), ("algorithm.warm_batch_size=0", "warm_batch_size")])
+    ("algorithm.max_lam=1.5", "max_lam"), ("algorithm.warm_batch_size=0", "warm_batch_size"),
+    ("algorithm.colearn_lambda_u=-1", "colearn_lambda_u")])
 def test_bad_values_are_one_line_errors(tiny_cfg, override, field):
     with pytest.raises(UserError, match=field) as err:
         Trainer(tiny_cfg("algorithm=cossl", "pseudo=none", override))
