@@ -1,5 +1,5 @@
 """CoSSL (Fan et al., CVPR 2022): co-learning of representation and classifier for imbalanced
-semi-supervised learning, on FixMatch.
+semi-supervised learning, on FixMatch (default), MixMatch or ReMixMatch (``algorithm.base``).
 
 Two phases in one run (official: ``train_cifar_fix.py`` for 400 epochs, then
 ``train_cifar_fix_cossl.py`` for 100 epochs from its checkpoint_401, both 500 iterations an
