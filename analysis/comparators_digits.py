@@ -133,6 +133,9 @@ ROWS: list[Row] = [
     # CoSSL (issue 29), not in the DASO paper: FixMatch for 80% of the run, then co-learning
     *[Row(f"cossl{'+daso' if daso else ''}", ("algorithm=cossl", *(_daso() if daso else (
         "pseudo=none",)))) for daso in (False, True)],
+    *[Row(f"{b}+cossl{'+daso' if daso else ''}", ("algorithm=cossl", f"algorithm.base={b}",
+                                                  *(_daso() if daso else ("pseudo=none",))))
+      for b in ("remixmatch", "mixmatch") for daso in (False, True)],  # CoSSL's other bases
     # SimPro (issue 30, not in the DASO paper): its epoch (prior M-step period) -> 20 iterations
     Row("simpro", ("algorithm=simpro", "algorithm.epoch_iters=20", "pseudo=none")),
     Row("simpro+daso", ("algorithm=simpro", "algorithm.epoch_iters=20", *_daso())),
@@ -157,6 +160,8 @@ OUTSIDE_DASO_PAPER = {
                  "DyTrim (ICLR 2026), CDMAD's setting, not DebiasPL's paper"),
     "acr": ("N1 500", 81.6, "ACR, CVPR 2023 (reprinted in CCL's Table 2)"),
     "cossl": ("Table 1, N1 1500", 83.2, "CoSSL, CVPR 2022 (official README)"),
+    "remixmatch+cossl": ("Table 1, N1 1500", 84.1, "CoSSL, CVPR 2022 (official README)"),
+    "mixmatch+cossl": ("Table 1, N1 1500", 76.4, "CoSSL, CVPR 2022 (official README)"),
     "cpe": ("N1 500", 80.7, "CPE, AAAI 2024 (reprinted in CCL's Table 2; official logs 80.65)"),
     "ccl": ("Table 2, N1 500", 84.5, "CCL, NeurIPS 2024 (paper text)"),
     "simpro": ("Table 1, N1 500", 80.7,

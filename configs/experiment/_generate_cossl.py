@@ -1,5 +1,5 @@
-"""Write the experiment configs of CoSSL (Fan et al., CVPR 2022) on FixMatch, with and without
-DASO (issue 29).
+"""Write the experiment configs of CoSSL (Fan et al., CVPR 2022) on FixMatch, MixMatch and
+ReMixMatch, with and without DASO (issue 29).
 
     python configs/experiment/_generate_cossl.py           # (re)write the YAML files
     python configs/experiment/_generate_cossl.py --check   # exit 1 if stale/missing
@@ -20,6 +20,12 @@ N1 1500, M1 3000, gamma 50, 100 and 150: gamma 100 and 150 are DASO-paper settin
 then 100 of co-learning, 500 steps an epoch, unlabeled batch = labeled batch with two strong
 views) is not reproduced: every row follows the DASO protocol; CoSSL's share of pre-training
 (0.8) and its other defaults are configs/algorithm/cossl.yaml's.
+
+CoSSL on MixMatch and ReMixMatch (``algorithm.base``; official train_cifar_mix_cossl.py,
+train_cifar_remix_cossl.py; the README's table) has rows only in CoSSL's own settings: N1 1500,
+M1 3000, gamma 50, 100 and 150, ``<setting>_<base>_cossl`` and ``<setting>_<base>_cossl_daso``
+(e.g. ``cifar10_lt_g100_n1500_remixmatch_cossl``), in the same DASO protocol; the base's own
+values (uratio 1, lambda_u, ReMixMatch's distribution alignment) are cossl.yaml's nulls.
 """
 from __future__ import annotations
 
@@ -36,6 +42,10 @@ METHOD = "CoSSL (Fan et al., CVPR 2022) on FixMatch"
 #: CoSSL paper Table 1 / official README rows (FixMatch + CoSSL, N1 1500, M1 3000)
 OWN_PAPER = {"cifar10_lt_g50_n1500": "86.8", "cifar10_lt_g100_n1500": "83.2",
              "cifar10_lt_g150_n1500": "80.3"}
+#: the other bases: official README (MixMatch / ReMixMatch + CoSSL, N1 1500, M1 3000, gamma 50,
+#: 100, 150)
+OTHER_BASES = {"mixmatch": ("MixMatch", {50: "80.3", 100: "76.4", 150: "73.5"}),
+               "remixmatch": ("ReMixMatch", {50: "87.7", 100: "84.1", 150: "81.3"})}
 
 
 def settings() -> list:
@@ -67,9 +77,30 @@ def render(s, daso: bool) -> tuple[str, str]:
     return BASE.daso_protocol_row(HEADER, comment, name, "cossl", s, daso, _dataset_lines(s))
 
 
+def own_settings() -> list:
+    """CoSSL's own table: N1 1500, M1 3000, gamma 50, 100, 150 (official run_cifar10.sh)."""
+    return [s for s in settings() if s.n1 == 1500 and s.m1 == 3000 and s.matched]
+
+
+def render_base(s, base: str, daso: bool) -> tuple[str, str]:
+    """CoSSL on ``base`` (+ DASO) in CoSSL's setting ``s``."""
+    label, published = OTHER_BASES[base]
+    name = f"{s.name}_{base}_cossl{'_daso' if daso else ''}"
+    comment = (f"# CoSSL paper Table 1 setting: {s.describe()} ({label} + CoSSL "
+               f"{published[s.gamma_l]}% in its own protocol, official README); CoSSL (Fan et "
+               f"al., CVPR 2022) on {label}{' + DASO' if daso else ''}.")
+    name, text = BASE.daso_protocol_row(HEADER, comment, name, "cossl", s, daso,
+                                        _dataset_lines(s))
+    base_lines = f"algorithm:\n  base: {base}  # official train_cifar_{base[:-5]}_cossl.py\n"
+    return name, text.replace("run_dir:", base_lines + "run_dir:", 1)
+
+
 def rows() -> dict[str, str]:
     """{file stem: YAML text} of every row."""
-    return dict(render(s, daso) for s in settings() for daso in (False, True))
+    fixmatch = dict(render(s, daso) for s in settings() for daso in (False, True))
+    others = dict(render_base(s, base, daso) for base in OTHER_BASES for s in own_settings()
+                  for daso in (False, True))
+    return {**fixmatch, **others}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 """CoSSL (Fan et al., CVPR 2022): co-learning of representation and classifier for imbalanced
-semi-supervised learning, on FixMatch.
+semi-supervised learning, on FixMatch (default), MixMatch or ReMixMatch (``algorithm.base``).
 
 Two phases in one run (official: ``train_cifar_fix.py`` for 400 epochs, then
 ``train_cifar_fix_cossl.py`` for 100 epochs from its checkpoint_401, both 500 iterations an
@@ -20,11 +20,31 @@ epoch; run_cifar10.sh):
 
 The teacher head is a head of the network (``cossl``): its gradient comes only from the
 classifier loss (its inputs are detached EMA features), and the encoder's only from FixMatch's.
+
+Bases (``algorithm.base``; official ``train_cifar_{fix,mix,remix}.py`` pre-train,
+``train_cifar_{fix,mix,remix}_cossl.py`` co-learn): the registry builds the learner of the base
+(``cossl_learner``). Pre-training is the base's own step (imbssl's ``FixMatch``, ``MixMatch``,
+``ReMixMatch``); the switch and the classifier module are the same for every base; the
+co-learning step keeps the base's losses but takes its guessed labels from the teacher head on
+the EMA encoder's features (the pseudo-label module):
+
+* MixMatch (``train_cifar_mix_cossl.py``): q = Sharpen(1/K sum_k softmax(teacher(ema(u_k))), T),
+  MixUp of [x, u_1, u_2], ``L_x + L_u`` (the MixMatch_Loss weight is dropped: Lu weight 1,
+  ``colearn_lambda_u``); the warm-up scores and takes the features of the same weak view.
+* ReMixMatch (``train_cifar_remix_cossl.py``): q = Sharpen(DA(softmax(teacher(ema(u_w)))), T)
+  with the alignment's running mean restarted at the switch; MixUp of [x, u_w, u_s1, u_s2];
+  ``L_x + lambda_u L_u + lambda_rot L_rot + lambda_kl L_kl`` without ramp-up
+  (``ReMixMatch_Loss(lambda_u, 0)``, ``linear_rampup(., 0) = 1``); the warm-up's labeled
+  features come from the strong view (``remix_cifar10``'s labeled transform).
+
+Fields left null in configs/algorithm/cossl.yaml (``uratio``, ``lambda_u``, ``dist_align``,
+``colearn_lambda_u``) take the base's official value (``BASE_DEFAULTS``).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -35,16 +55,38 @@ from imbssl.algorithms import register
 from imbssl.algorithms.abc import linear_head
 from imbssl.algorithms.base import Batch, StepState, TrainingData, reject_setting
 from imbssl.algorithms.fixmatch import FixMatch, FixMatchConfig, fixmatch_mask
+from imbssl.algorithms.mixmatch import MixMatch, MixMatchConfig, mix_batches
+from imbssl.algorithms.ops import linear_rampup, mixup, one_hot, rotate_batch, sharpen
+from imbssl.algorithms.ops import soft_cross_entropy as per_row_soft_ce
+from imbssl.algorithms.remixmatch import ReMixMatch, ReMixMatchConfig
 from imbssl.collectives import all_reduce_mean
 from imbssl.data.device_loader import BatchStream, ClassBalancedStream, TensorSet
+from imbssl.errors import UserError
 from imbssl.pseudo.base import add_extra_loss
 
 COSSL_HEAD = "cossl"
+BASES = ("fixmatch", "mixmatch", "remixmatch")
+#: the base's own value of each field left null (official CoSSL code, run_cifar10.sh)
+BASE_DEFAULTS = {
+    # train_cifar_fix(_cossl).py: FixMatch_Loss Lx + Lu; no alignment; DASO protocol mu 2
+    "fixmatch": {"uratio": 2, "lambda_u": 1.0, "dist_align": "none"},
+    # train_cifar_mix.py --lambda-u 75 (pre-training); co-learning loss = Lx + Lu
+    # (train_cifar_mix_cossl.py); unlabeled batch 64 = labeled batch (--batch-size 64)
+    "mixmatch": {"uratio": 1, "lambda_u": 75.0, "dist_align": "none", "colearn_lambda_u": 1.0},
+    # train_cifar_remix(_cossl).py --lambda-u 1.5; run_cifar10.sh --align; batch 64 + 64
+    "remixmatch": {"uratio": 1, "lambda_u": 1.5, "dist_align": "labeled"},
+}
 
 
 @dataclass
 class CoSSLConfig(FixMatchConfig):
     name: str = "cossl"
+    base: str = "fixmatch"  # the representation learner: fixmatch | mixmatch | remixmatch
+    # null: the base's value (BASE_DEFAULTS, resolved in __post_init__)
+    uratio: int | None = None
+    lambda_u: float | None = None
+    dist_align: str | None = None
+    colearn_lambda_u: float | None = None  # unlabeled-loss weight in co-learning (null: lambda_u)
     pretrain_fraction: float = 0.8  # official: co-learning resumes checkpoint_401 (400 of 500 epochs)
     max_lam: float = 0.6  # lower end of lam ~ U(max_lam, 1): run_cifar10.sh --max_lam 0.6
     warm_iterations: int = 5000  # classifier warm-up: --warm_tfe 10 epochs x --val-iteration 500
@@ -53,6 +95,38 @@ class CoSSLConfig(FixMatchConfig):
     warm_batch_size: int = 64  # warm-up batches: --batch-size 64
     warm_ema_decay: float = 0.999  # EMA of the warm-up classifier: --ema-decay 0.999
     tfe_beta: float = 0.75  # warm-up TFE lam ~ Beta(0.75, 0.75): tfe_init.py TFE()
+    # MixMatch / ReMixMatch bases (official train_cifar_mix.py, train_cifar_remix.py)
+    temperature: float = 0.5  # --T 0.5
+    mixup_alpha: float = 0.75  # --mix_alpha 0.75
+    lambda_kl: float = ReMixMatchConfig.lambda_kl  # --w_ent 0.5 (pre-MixUp loss, ReMixMatch)
+    lambda_rot: float = ReMixMatchConfig.lambda_rot  # --w_rot 0.5 (ReMixMatch)
+    rampup_ratio: float = 1.0  # pre-training ramp over the whole 500 epochs (args.epochs)
+    passes: str = ReMixMatchConfig.passes
+    num_views: int = MixMatchConfig.num_views  # MixMatch K = 2 (TransformTwice)
+    mixup_mode: str = MixMatchConfig.mixup_mode
+    guess_with_ema: bool = MixMatchConfig.guess_with_ema
+
+    def __post_init__(self) -> None:
+        """Null fields take the base's value; an unknown base is left to ``cossl_learner``."""
+        own = BASE_DEFAULTS.get(self.base)
+        if own is None:
+            return
+        for key, value in own.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.colearn_lambda_u is None:
+            self.colearn_lambda_u = self.lambda_u
+
+
+def check_base(cfg: CoSSLConfig) -> None:
+    """One-line errors for a base CoSSL has no co-learning step for, and its bad settings."""
+    if cfg.base not in BASES:
+        raise UserError(f"algorithm.base={cfg.base} is not available for CoSSL; use one of "
+                        f"{', '.join(BASES)}")
+    if cfg.base == "mixmatch" and cfg.dist_align != "none":
+        raise UserError(f"algorithm.dist_align={cfg.dist_align} does not apply to CoSSL on "
+                        "MixMatch (it has no distribution alignment); set algorithm.dist_align"
+                        "=none")
 
 
 def tfe_probability(labeled_counts: Tensor) -> Tensor:
@@ -142,14 +216,23 @@ def train_warm_classifier(head: nn.Linear, ema_head: nn.Linear, feats: Tensor, t
     return float(loss.detach())
 
 
-@register("cossl")
-class CoSSL(FixMatch):
-    """FixMatch pre-training, then co-learning with a TFE-trained balanced classifier."""
+def draw_rotations(n: int, device) -> Tensor:
+    """r ~ U{0, 1, 2, 3} (x 90 degrees) per image of the rotation loss (official ``targets_r``)."""
+    return torch.randint(0, 4, (n,), device=device)
 
-    Config = CoSSLConfig
+
+class CoLearning:
+    """CoSSL's phases around a base learner (mixed in before FixMatch, MixMatch or ReMixMatch):
+    the switch (classifier warm-up), the classifier module, the teacher head's predictions, the
+    extra state. The base's ``step`` pre-trains; ``co_learning_step`` is the base's own."""
+
+    #: warm-up views (official ``classifier_warmup`` datasets): labeled features, unlabeled
+    #: features, unlabeled scores (None: scored on the features' own view)
+    warm_views: ClassVar[tuple[str, str, str | None]] = ("weak", "strong", "weak")
 
     def __init__(self, cfg: CoSSLConfig, num_classes: int, feat_dim: int,
                  labeled_labels: Tensor, refiner=None):
+        check_base(cfg)
         reject_setting(cfg, "pretrain_fraction", "in (0, 1)",
                        not 0.0 < cfg.pretrain_fraction < 1.0)
         reject_setting(cfg, "max_lam", "in [0, 1]", not 0.0 <= cfg.max_lam <= 1.0)
@@ -158,6 +241,7 @@ class CoSSL(FixMatch):
         reject_setting(cfg, "warm_lr", "> 0", cfg.warm_lr <= 0)
         reject_setting(cfg, "warm_ema_decay", "in [0, 1]", not 0.0 <= cfg.warm_ema_decay <= 1.0)
         reject_setting(cfg, "tfe_beta", "> 0", cfg.tfe_beta <= 0)
+        reject_setting(cfg, "colearn_lambda_u", ">= 0", cfg.colearn_lambda_u < 0)
         super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
         counts = torch.bincount(labeled_labels.long().cpu(), minlength=num_classes)
         if bool((counts == 0).any()):
@@ -170,12 +254,6 @@ class CoSSL(FixMatch):
         self.draw_gen = torch.Generator().manual_seed(0)  # TFE draws and the warm-up (CPU)
         self.aug_gen: torch.Generator | None = None  # the classifier batches' augmentation
         self.balanced_stream = self.full_stream = None
-
-    @classmethod
-    def make_heads(cls, cfg, feat_dim: int, num_classes: int) -> dict[str, nn.Module]:
-        """The balanced classifier (official ``teacher_head``); its EMA copy is the EMA
-        network's head (official ``ema_teacher``)."""
-        return {COSSL_HEAD: linear_head(feat_dim, num_classes)}
 
     # ------------------------------------------------------------- data and phases
     def attach_data(self, data: TrainingData) -> None:
@@ -218,13 +296,17 @@ class CoSSL(FixMatch):
         if self.data is None:
             raise RuntimeError("CoSSL's warm-up needs attach_data first")
         labeled, unlabeled = self.data.labeled, self.data.unlabeled
-        feats_l = self._features(ema_model, labeled.images, "weak")
-        feats_w = self._features(ema_model, unlabeled.images, "weak")
-        feats_s = self._features(ema_model, unlabeled.images, "strong")
+        labeled_view, feature_view, score_view = self.warm_views
+        feats_l = self._features(ema_model, labeled.images, labeled_view)
+        feats_scored = (self._features(ema_model, unlabeled.images, score_view)
+                        if score_view is not None else None)
+        feats_u = self._features(ema_model, unlabeled.images, feature_view)
+        if feats_scored is None:  # MixMatch: scored on the features' own weak view
+            feats_scored = feats_u
         weights = imprinted_weights(feats_l, labeled.labels, self.num_classes)
         probs_l = torch.softmax(feats_l @ weights.T, dim=1)
-        probs_u = torch.softmax(feats_w @ weights.T, dim=1)  # scored on the weak view
-        feats, targets = tfe_feature_set(feats_l, labeled.labels, probs_l, feats_s, probs_u,
+        probs_u = torch.softmax(feats_scored @ weights.T, dim=1)
+        feats, targets = tfe_feature_set(feats_l, labeled.labels, probs_l, feats_u, probs_u,
                                          self.labeled_counts, self._warm_draws)
         head, ema_head = self._fresh_heads(feats.device)
         with torch.enable_grad():
@@ -305,31 +387,22 @@ class CoSSL(FixMatch):
 
     def co_learning_step(self, batch: Batch, state: StepState
                          ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Official ``train_cifar_fix_cossl.py`` ``train``: pseudo-labels from the teacher head
-        on the EMA encoder's weak-view features, FixMatch's losses on the encoder, the TFE
-        classifier loss on the teacher head."""
-        cfg, head = self.cfg, state.model.heads[COSSL_HEAD]
-        probe_logs, (logits_x, _), (_, feats_w), (logits_s, feats_s) = \
-            self.forward_views(batch, state)
-        loss_x = self.labeled_loss(logits_x, batch.y_lb)
-        with torch.no_grad():
-            ema_feats = state.ema_model(batch.x_ulb[0]).features
-            teacher_logits = head(ema_feats.to(head.weight.dtype))
-            probs, linear = self.weak_view_probs(teacher_logits, feats_w, state.step)
-            mask, pseudo = fixmatch_mask(probs, cfg.threshold)
-        self.refiner.observe(pseudo)
-        loss_u = (F.cross_entropy(logits_s.float(), pseudo, reduction="none") * mask).mean()
-        loss_c, acc_c = self.classifier_loss(head, state.ema_model)
-        loss = loss_x + cfg.lambda_u * loss_u + loss_c
-        logs = {"loss/labeled": loss_x.detach(), "loss/unlabeled": loss_u.detach(),
-                "loss/classifier": loss_c.detach(), "cossl/classifier_acc": acc_c,
-                "cossl/co_learning": torch.ones((), device=loss.device),
-                "mask/ratio": mask.mean(), "pseudo/linear": linear, "pseudo/final": pseudo,
-                "pseudo/mask": mask, **probe_logs}
-        extra, extra_logs = self.refiner.extra_loss(feats_w, feats_s, state.step)
-        loss = add_extra_loss(loss, logs, extra, extra_logs)
-        logs.update(self.refiner.pseudo_logs())
-        return loss, logs
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def teacher_probs(self, head: nn.Module, ema_model: nn.Module, *views: Tensor
+                      ) -> tuple[list[Tensor], Tensor]:
+        """The pseudo-label module: softmax of the teacher head on the EMA encoder's features
+        of each view (one pass; official ``teacher_head(ema_model(u, return_feature=True))``);
+        returns (probabilities per view, the features of the first view)."""
+        out = ema_model(torch.cat(views))
+        feats = out.features.split([len(v) for v in views])
+        probs = [torch.softmax(head(f.to(head.weight.dtype)).float(), dim=1) for f in feats]
+        return probs, feats[0]
+
+    def co_learning_logs(self, loss_c: Tensor, acc_c: Tensor, device) -> dict[str, Tensor]:
+        return {"loss/classifier": loss_c.detach(), "cossl/classifier_acc": acc_c,
+                "cossl/co_learning": torch.ones((), device=device)}
 
     def classifier_loss(self, head: nn.Module, ema_model: nn.Module) -> tuple[Tensor, Tensor]:
         """The classifier module: a class-balanced labeled batch and a labeled + unlabeled
@@ -348,3 +421,176 @@ class CoSSL(FixMatch):
         loss = soft_cross_entropy(logits, F.one_hot(y, self.num_classes).float())
         acc = (logits.detach().argmax(1) == y).float().mean()
         return loss, acc
+
+
+def cossl_learner(cfg: CoSSLConfig) -> type:
+    """The class ``algorithm=cossl`` trains with: the co-learning of base ``cfg.base``."""
+    check_base(cfg)
+    return {"fixmatch": CoSSL, "mixmatch": MixMatchCoSSL, "remixmatch": ReMixMatchCoSSL}[cfg.base]
+
+
+@register("cossl", learner=cossl_learner)
+class CoSSL(CoLearning, FixMatch):
+    """FixMatch pre-training, then co-learning with a TFE-trained balanced classifier (the
+    class of ``algorithm=cossl``; other bases: ``MixMatchCoSSL``, ``ReMixMatchCoSSL``)."""
+
+    Config = CoSSLConfig
+
+    @classmethod
+    def make_heads(cls, cfg, feat_dim: int, num_classes: int) -> dict[str, nn.Module]:
+        """The balanced classifier (official ``teacher_head``); its EMA copy is the EMA
+        network's head (official ``ema_teacher``); and the base's heads (ReMixMatch's
+        rotation head)."""
+        if cfg.base == "remixmatch" and cls is CoSSL:
+            return ReMixMatchCoSSL.make_heads(cfg, feat_dim, num_classes)
+        return {COSSL_HEAD: linear_head(feat_dim, num_classes)}
+
+    def co_learning_step(self, batch: Batch, state: StepState
+                         ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Official ``train_cifar_fix_cossl.py`` ``train``: pseudo-labels from the teacher head
+        on the EMA encoder's weak-view features, FixMatch's losses on the encoder, the TFE
+        classifier loss on the teacher head."""
+        cfg, head = self.cfg, state.model.heads[COSSL_HEAD]
+        probe_logs, (logits_x, _), (_, feats_w), (logits_s, feats_s) = \
+            self.forward_views(batch, state)
+        loss_x = self.labeled_loss(logits_x, batch.y_lb)
+        with torch.no_grad():
+            ema_feats = state.ema_model(batch.x_ulb[0]).features
+            teacher_logits = head(ema_feats.to(head.weight.dtype))
+            probs, linear = self.weak_view_probs(teacher_logits, feats_w, state.step)
+            mask, pseudo = fixmatch_mask(probs, cfg.threshold)
+        self.refiner.observe(pseudo)
+        loss_u = (F.cross_entropy(logits_s.float(), pseudo, reduction="none") * mask).mean()
+        loss_c, acc_c = self.classifier_loss(head, state.ema_model)
+        loss = loss_x + cfg.colearn_lambda_u * loss_u + loss_c
+        logs = {"loss/labeled": loss_x.detach(), "loss/unlabeled": loss_u.detach(),
+                **self.co_learning_logs(loss_c, acc_c, loss.device),
+                "mask/ratio": mask.mean(), "pseudo/linear": linear, "pseudo/final": pseudo,
+                "pseudo/mask": mask, **probe_logs}
+        extra, extra_logs = self.refiner.extra_loss(feats_w, feats_s, state.step)
+        loss = add_extra_loss(loss, logs, extra, extra_logs)
+        logs.update(self.refiner.pseudo_logs())
+        return loss, logs
+
+
+class MixMatchCoSSL(CoLearning, MixMatch):
+    """CoSSL on MixMatch (official ``train_cifar_mix.py`` then ``train_cifar_mix_cossl.py``):
+    the class ``algorithm=cossl`` trains with ``algorithm.base=mixmatch``."""
+
+    Config = CoSSLConfig
+    registered_name = "cossl"
+    warm_views = ("weak", "weak", None)  # tfe_init.py TFE(): MixMatch's weak view only
+
+    @classmethod
+    def make_heads(cls, cfg, feat_dim: int, num_classes: int) -> dict[str, nn.Module]:
+        return {COSSL_HEAD: linear_head(feat_dim, num_classes)}
+
+    def co_learning_step(self, batch: Batch, state: StepState
+                         ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Official ``train_cifar_mix_cossl.py`` ``train``: the guess is the sharpened mean of
+        the teacher head's softmax on the EMA features of the K weak views; MixUp of
+        [x, u_1, .., u_K]; L_x (soft CE) + colearn_lambda_u * L_u (squared error)."""
+        cfg, head = self.cfg, state.model.heads[COSSL_HEAD]
+        self.feed_refiner(batch, state)
+        with torch.no_grad():
+            probs, ema_feats_1 = self.teacher_probs(head, state.ema_model, *batch.x_ulb)
+            avg = torch.stack(probs).mean(0)  # (softmax(u_1) + softmax(u_2)) / 2
+            linear = avg.argmax(dim=-1)
+            targets_u = sharpen(avg, cfg.temperature)  # MixMatch Eq. 7
+            # DASO: the semantic label of view 1's EMA features (those the teacher reads)
+            targets_u = self.refiner.refine(targets_u, ema_feats_1, state.step)
+            pseudo = targets_u.argmax(dim=-1)
+        self.refiner.observe(pseudo)
+        loss_c, acc_c = self.classifier_loss(head, state.ema_model)
+
+        n_lb, k = batch.x_lb.size(0), len(batch.x_ulb)
+        x_mix, y_mix, lam = mix_batches(
+            batch.x_lb, one_hot(batch.y_lb, self.num_classes), torch.cat(batch.x_ulb),
+            targets_u.repeat(k, 1), cfg.mixup_mode, cfg.mixup_alpha)
+        logits = state.model(x_mix).logits.float()
+        loss_x = per_row_soft_ce(self.labeled_logits(logits[:n_lb]), y_mix[:n_lb]).mean()
+        loss_u = F.mse_loss(torch.softmax(logits[n_lb:], -1), y_mix[n_lb:])  # MixMatch Eq. 4
+        loss = loss_x + cfg.colearn_lambda_u * loss_u + loss_c  # official: Lx + Lu
+        logs = {"loss/labeled": loss_x.detach(), "loss/unlabeled": loss_u.detach(),
+                **self.co_learning_logs(loss_c, acc_c, loss.device), "mixup/lambda": lam,
+                "pseudo/linear": linear, "pseudo/final": pseudo,
+                "pseudo/mask": torch.ones_like(avg[:, 0])}
+        logs.update(self.refiner.pseudo_logs())  # no alignment loss (as imbssl's MixMatch)
+        return loss, logs
+
+
+class ReMixMatchCoSSL(CoLearning, ReMixMatch):
+    """CoSSL on ReMixMatch (official ``train_cifar_remix.py --align`` then
+    ``train_cifar_remix_cossl.py --align``): the class ``algorithm=cossl`` trains with
+    ``algorithm.base=remixmatch``."""
+
+    Config = CoSSLConfig
+    registered_name = "cossl"
+    warm_views = ("strong", "strong", "weak")  # remix_cifar10: labeled set strongly augmented
+
+    @classmethod
+    def make_heads(cls, cfg, feat_dim: int, num_classes: int) -> dict[str, nn.Module]:
+        return {**ReMixMatch.make_heads(cfg, feat_dim, num_classes),
+                COSSL_HEAD: linear_head(feat_dim, num_classes)}
+
+    def consistency_ramp(self, state: StepState) -> float:
+        """Pre-training: the ramp over ``rampup_ratio`` of the run; co-learning: none
+        (official ``ReMixMatch_Loss(lambda_u, 0)``, ``linear_rampup(., 0)`` = 1)."""
+        if self.co_learning:
+            return 1.0
+        return linear_rampup(state.step, state.total_steps, self.cfg.rampup_ratio)
+
+    def switch_phase(self, model: nn.Module, ema_model: nn.Module) -> dict:
+        """The warm-up; the alignment's running mean restarts (official co-learning script:
+        ``emp_distb_u`` from the first co-learning batch on, now of the teacher's predictions)."""
+        logs = super().switch_phase(model, ema_model)
+        if self.dist_align is not None:
+            self.dist_align.history.zero_()
+            self.dist_align.count.zero_()
+        return logs
+
+    def co_learning_step(self, batch: Batch, state: StepState
+                         ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Official ``train_cifar_remix_cossl.py`` ``train``: the guess is the teacher head's
+        softmax on the EMA features of the weak view, aligned and sharpened; MixUp of
+        [x, u_w, u_s1, u_s2]; L_x + lambda_u L_u + lambda_rot L_rot (rotated strong view 1)
+        + lambda_kl L_kl (strong view 1 against the guess), no ramp-up."""
+        cfg, model, head = self.cfg, state.model, state.model.heads[COSSL_HEAD]
+        x_w, x_s1, x_s2 = batch.x_ulb
+        self.feed_refiner(batch, state)
+        probe_logs = self.probe_ctaugment(batch, state)
+        with torch.no_grad():
+            (probs,), ema_feats_w = self.teacher_probs(head, state.ema_model, x_w)
+            linear = probs.argmax(dim=-1)
+            if self.dist_align is not None:  # Normalize(q * p(y) / p~(y))  (ReMixMatch 3.1)
+                probs = self.dist_align(probs)
+            targets_u = sharpen(probs, cfg.temperature)
+            targets_u = self.refiner.refine(targets_u, ema_feats_w, state.step)
+            pseudo = targets_u.argmax(dim=-1)
+        self.refiner.observe(pseudo)
+        loss_c, acc_c = self.classifier_loss(head, state.ema_model)
+
+        n_lb = batch.x_lb.size(0)
+        x_all = torch.cat([batch.x_lb, x_w, x_s1, x_s2])
+        y_all = torch.cat([one_hot(batch.y_lb, self.num_classes), targets_u, targets_u,
+                           targets_u])
+        x_mix, y_mix, lam = mixup(x_all, y_all, cfg.mixup_alpha)
+        logits = model(x_mix).logits
+        loss_x = per_row_soft_ce(self.labeled_logits(logits[:n_lb]), y_mix[:n_lb]).mean()
+        loss_u = per_row_soft_ce(logits[n_lb:], y_mix[n_lb:]).mean()
+        rot = draw_rotations(x_s1.size(0), x_s1.device)
+        rot_logits = model.heads["rotation"](model(rotate_batch(x_s1, rot)).features)
+        loss_rot = F.cross_entropy(rot_logits.float(), rot)
+        out_s1 = model(x_s1)
+        loss_kl = per_row_soft_ce(out_s1.logits, targets_u).mean()
+        loss = (loss_x + cfg.colearn_lambda_u * loss_u + cfg.lambda_rot * loss_rot
+                + cfg.lambda_kl * loss_kl + loss_c)
+        logs = {"loss/labeled": loss_x.detach(), "loss/unlabeled": loss_u.detach(),
+                "loss/premixup": loss_kl.detach(), "loss/rotation": loss_rot.detach(),
+                **self.co_learning_logs(loss_c, acc_c, loss.device), "mixup/lambda": lam,
+                "pseudo/linear": linear, "pseudo/final": pseudo,
+                "pseudo/mask": torch.ones_like(probs[:, 0]), **probe_logs}
+        extra, extra_logs = self.refiner.extra_loss(ema_feats_w, out_s1.features, state.step)
+        loss = add_extra_loss(loss, logs, extra, extra_logs)
+        logs.update(self.refiner.pseudo_logs())
+        return loss, logs

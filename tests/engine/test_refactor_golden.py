@@ -55,6 +55,9 @@ def _cases() -> dict[str, list[str]]:
         if cls.unlabeled_views:
             cases[f"{name}_daso"] = [f"algorithm={name}", *DASO]
     cases["crest_remixmatch"] = ["algorithm=crest", "algorithm.base=remixmatch", "pseudo=none"]
+    for base in ("mixmatch", "remixmatch"):  # CoSSL's other bases (learner per base)
+        cases[f"cossl_{base}"] = ["algorithm=cossl", f"algorithm.base={base}", "pseudo=none"]
+        cases[f"cossl_{base}_daso"] = ["algorithm=cossl", f"algorithm.base={base}", *DASO]
     cases["crest_la_posthoc"] = ["algorithm=crest", "algorithm.logit_adjust=posthoc",
                                  "pseudo=none"]
     cases["fixmatch_la_loss"] = ["algorithm=fixmatch", "algorithm.logit_adjust=loss",
