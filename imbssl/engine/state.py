@@ -98,6 +98,9 @@ class RunState:
             "class_names": self.data.class_names, "labeled_counts": self.data.labeled_counts,
             "unlabeled_counts": self.data.unlabeled_counts,
             "trainer": asdict(self.tcfg), "world_size": self.world, "command": sys.argv,
+            # the algorithm's settings as it trains with them: config.yaml keeps what was
+            # composed, where a field may be null for "the method's own value" (CoSSL's base)
+            "algorithm": asdict(self.algo.cfg),
         })
 
     def _algorithm_extra_buffers(self) -> dict[str, Tensor]:

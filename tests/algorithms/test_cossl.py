@@ -141,6 +141,18 @@ def test_the_switch_warms_the_balanced_classifier_and_evaluation_reads_it(cossl_
     assert ",refiner,cossl,all," in per_class and ",tfe_probability," in per_class and ",pseudo,final,all," in per_class
 
 
+def test_meta_json_holds_the_base_values_config_yaml_leaves_null(cossl_run):
+    import yaml
+
+    root, trainer, base = cossl_run
+    meta = json.loads((root / "ref" / "meta.json").read_text())["algorithm"]
+    composed = yaml.safe_load((root / "ref" / "config.yaml").read_text())["algorithm"]
+    assert composed["uratio"] is None and composed["lambda_u"] is None
+    assert meta["base"] == base and meta["uratio"] == trainer.algo.cfg.uratio
+    assert (meta["uratio"], meta["lambda_u"]) == {"fixmatch": (2, 1.0), "mixmatch": (1, 75.0),
+                                                  "remixmatch": (1, 1.5)}[base]
+
+
 @pytest.mark.parametrize("kept", [3, 6, 9])  # before, at (saved after the warm-up), after
 def test_a_resumed_run_ends_exactly_alike(cossl_run, kept):
     from imbssl.cli import compose
