@@ -55,6 +55,10 @@ def _cases() -> dict[str, list[str]]:
         if cls.unlabeled_views:
             cases[f"{name}_daso"] = [f"algorithm={name}", *DASO]
     cases["crest_remixmatch"] = ["algorithm=crest", "algorithm.base=remixmatch", "pseudo=none"]
+    cases["cdmad_remixmatch"] = ["algorithm=cdmad", "algorithm.base=remixmatch",
+                                 "algorithm.dist_align=labeled", "algorithm.epoch_iters=4",
+                                 "algorithm.debias_after_epochs=1", "pseudo=none"]
+    cases["cdmad_remixmatch_daso"] = [*cases["cdmad_remixmatch"][:-1], *DASO]
     cases["crest_la_posthoc"] = ["algorithm=crest", "algorithm.logit_adjust=posthoc",
                                  "pseudo=none"]
     cases["fixmatch_la_loss"] = ["algorithm=fixmatch", "algorithm.logit_adjust=loss",
