@@ -378,6 +378,21 @@ def test_adamw_decays_every_parameter_by_lr_times_wd_per_step():
         assert torch.allclose(p, b * (1 - 0.0015 * 0.04), atol=1e-9)
 
 
+def test_the_remixmatch_official_recipe_replaces_the_daso_recipe():
+    """recipe=cdmad_remixmatch_official: remixmatchcdmad.py's lr 2e-3, batch 64, 300 epochs."""
+    from imbssl.cli import compose
+
+    for base in ([], ["trainer=daso_protocol"]):
+        cfg = compose(["algorithm=cdmad", "algorithm.base=remixmatch", *base,
+                       "recipe=cdmad_remixmatch_official"])
+        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == ("adamw", 0.002, 0.04)
+        assert cfg.optim.schedule == "constant" and cfg.optim.decay_scope == "all"
+        assert not cfg.model.ema_warmup and not cfg.model.ema_train_mode
+        assert cfg.model.ema_buffers == "average" and cfg.model.ema_decay == 0.999
+        assert (cfg.trainer.iterations, cfg.trainer.batch_size, cfg.trainer.eval_interval) == \
+            (150000, 64, 500)
+
+
 def test_the_official_recipe_replaces_the_daso_recipe_and_trains(tmp_path):
     from imbssl.cli import compose
 
@@ -416,11 +431,31 @@ def test_rows_are_generated_and_compose():
     settings += [f"cifar10_lt_g100_n{n}_{m}" for n in (500, 1500) for m in ("uniform", "reversed")]
     settings += [f"cifar100_lt_g10_n{n}" for n in (50, 150)]
     want = {f"{s}_cdmad{v}" for s in settings for v in ("_official", "", "_daso")}
-    assert set(gen.rows()) == want
+    paper = ["cifar10_lt_g100_n1500", "cifar10_lt_g150_n1500", "cifar10_lt_g100_n1500_uniform"]
+    remix = {f"{s}_remixmatch_cdmad{v}" for s in paper for v in ("_official", "", "_daso")}
+    assert set(gen.rows()) == want | remix
     # official fixmatchcdmad.py: |L| + |U| of make_imb_data >= 30000 -> wd 0.01 (uniform rows)
     assert gen.official_counts(1500, 10, 100) == [1500, 899, 539, 323, 193, 116, 69, 41, 25, 15]
+    for name in sorted(remix):
+        cfg = compose([f"experiment={name}"])
+        assert cfg.experiment_name == name and cfg.algorithm.name == "cdmad"
+        a, uniform = cfg.algorithm, "_uniform" in name
+        assert a.base == "remixmatch" and a.lambda_u == 2.0
+        # official remixmatchcdmad.py: aligned iff imb_ratio == imb_ratio_u; |L| + |U| >= 30000
+        # (uniform rows) -> --w_rot 0.5, --wd 0.02
+        assert a.dist_align == ("none" if uniform else "labeled")
+        assert a.lambda_rot == (0.5 if uniform else 1.0)
+        assert (cfg.pseudo.name == "daso") == name.endswith("_daso")
+        if name.endswith("_official"):
+            assert (cfg.optim.name, cfg.optim.lr) == ("adamw", 0.002)
+            assert cfg.optim.weight_decay == (0.02 if uniform else 0.04)
+            assert (cfg.trainer.iterations, cfg.trainer.batch_size) == (150000, 64)
+            assert not cfg.model.ema_warmup and cfg.trainer.eval_interval == 500
+        else:
+            assert cfg.optim.name == "sgd" and cfg.trainer.iterations == 250000
     for name in sorted(want):
         cfg = compose([f"experiment={name}"])
+        assert cfg.algorithm.base == "fixmatch"
         assert cfg.experiment_name == name and cfg.algorithm.name == "cdmad"
         assert cfg.model.name == "wrn28_2" and cfg.trainer.iterations == 250000
         assert (cfg.pseudo.name == "daso") == name.endswith("_daso")
