@@ -1,7 +1,8 @@
 """CDMAD: class-distribution-mismatch-aware debiasing (Lee and Kim, CVPR 2024,
 "CDMAD: Class-Distribution-Mismatch-Aware Debiasing for Class-Imbalanced Semi-Supervised
 Learning"), FixMatch variant, following the official ``fixmatchcdmad.py`` of
-github.com/LeeHyuck/CDMAD (commit 7cd732b).
+github.com/LeeHyuck/CDMAD (commit 7cd732b), and ReMixMatch variant (``remixmatchcdmad.py``,
+below).
 
 The classifier's bias towards each class is measured as its logits on an image without any
 pattern (a solid-colour image, official ``white = torch.ones((1, 3, 32, 32))`` in the
@@ -34,6 +35,24 @@ Differences from the official code: one forward pass over the labeled, weak and 
 
 With ``pseudo=daso`` (and distribution alignment) the debiased probabilities are refined before
 the mask and the targets; DASO's semantic loss uses the first strong view.
+
+ReMixMatch variant (``algorithm.base=remixmatch``, official ``remixmatchcdmad.py``; the registry
+builds ``ReMixMatchCDMAD``, a ReMixMatch, through ``cdmad_learner``, as CReST builds its
+ReMixMatch learner). Per step, in the official order: ``g = f(x_solid)`` (train mode, first),
+the weak view's ``softmax(f(alpha(u)) - g)`` once debiasing (``ReMixMatch.guess_probs``),
+distribution alignment to the labeled distribution over this epoch's last <= 128 batch means
+(official ``emp_distb_u`` restarts every epoch), no sharpening (official ``--T 1``), the refiner;
+MixUp of [strong labeled view, weak, strong 1, strong 2] (``ReMixMatch.mixup_labeled_images``)
+and the loss ``Lx1 + Lx2 + w(t) (lambda_u Lu + lambda_kl Le) + lambda_rot Lr`` with ``Lx2`` the
+unmixed cross-entropy of the weak labeled view, ``Le`` the pre-MixUp loss and ``Lr`` the
+rotation loss of strong view 1, ``w(t)`` linear over the whole run (official ``--rampup 300`` of
+``--epochs 300``). The evaluation is debiased as the FixMatch variant's. Set ``lambda_u`` 2.0
+(official ``--lambda-u 2``) and ``dist_align`` labeled (official: where gamma_l = gamma_u) for
+the official values: the two keys are shared with the FixMatch variant, whose defaults they keep.
+Differences from the official code: one forward over the whole mixed batch (official: seven
+interleaved batches of 64), the weak labeled forward after the rotation forward (official:
+before), cross-entropy on log-softmax (official ``log(softmax + 1e-8)``), the alignment target
+normalised before its 1e-6 (official: the counts; at most 1e-6 / p(y_k) relative).
 
 Diagnostics: ``pseudo/linear`` is the argmax of the raw weak-view logits, ``pseudo/final`` the
 argmax of the debiased (and refined) ones, ``pseudo/mask`` the selection; ``cdmad/debiasing`` is
