@@ -1,5 +1,5 @@
-"""Write the experiment configs of CDMAD (Lee and Kim, CVPR 2024), FixMatch variant, under its
-official training recipe and under the DASO protocol (issue 30).
+"""Write the experiment configs of CDMAD (Lee and Kim, CVPR 2024), FixMatch and ReMixMatch
+variants, under their official training recipes and under the DASO protocol (issue 30).
 
     python configs/experiment/_generate_cdmad.py           # (re)write the YAML files
     python configs/experiment/_generate_cdmad.py --check   # exit 1 if stale/missing
@@ -24,6 +24,22 @@ Rows per setting:
 
 Every row keeps CDMAD's defaults (configs/algorithm/cdmad.yaml: soft targets, tau 0, two strong
 views, pseudo-labels debiased after epoch 100 of 500 steps, debiased evaluation).
+
+ReMixMatch + CDMAD (``algorithm.base=remixmatch``, official remixmatchcdmad.py), in CDMAD's own
+settings that the rows above share (``PAPER_SETTINGS``; its Table 1 has a ReMixMatch column
+at gamma 100 and 150, its Table 2 none):
+
+* ``<setting>_remixmatch_cdmad_official``: ``recipe=cdmad_remixmatch_official`` (Adam 2e-3 with
+  decoupled weight decay, batch 64, 150k iterations, EMA 0.999 without warm-up) with the
+  official per-row weight decay: 0.04 on CIFAR-10, 0.08 on CIFAR-100, 0.02 when the labeled and
+  unlabeled counts sum to 30000 or more;
+* ``<setting>_remixmatch_cdmad`` and ``<setting>_remixmatch_cdmad_daso``: the DASO protocol and
+  recipe, without and with DASO.
+
+Each ReMixMatch row sets the variant's official per-run values (``remixmatch_values``): lambda_u
+2 (--lambda-u 2), distribution alignment to the labeled distribution only where gamma_l =
+gamma_u (official ``if args.imb_ratio == args.imb_ratio_u``), lambda_rot 0.5 instead of 1 when
+the counts sum to 30000 or more (official ``args.w_rot = 0.5``).
 """
 from __future__ import annotations
 
@@ -61,9 +77,40 @@ def official_counts(max_num: int, num_classes: int, gamma: float) -> list[int]:
 
 def official_weight_decay(s) -> float:
     """The official per-run --wd of setting ``s`` (fixmatchcdmad.py ``main``)."""
+    return LARGE_SET_DECAY if official_total(s) >= LARGE_SET else WEIGHT_DECAY[s.dataset]
+
+
+def remixmatch_weight_decay(s) -> float:
+    """The official per-run --wd of ``remixmatchcdmad.py`` in setting ``s``."""
+    return REMIX_LARGE_SET_DECAY if official_total(s) >= LARGE_SET else WEIGHT_DECAY[s.dataset]
+
+
+def remixmatch_values(s) -> dict[str, tuple[object, str]]:
+    """algorithm key -> (value, source) of the ReMixMatch variant in setting ``s``."""
+    large = official_total(s) >= LARGE_SET
+    return {
+        "base": ("remixmatch", "official remixmatchcdmad.py"),
+        "lambda_u": (2.0, "official --lambda-u 2 (weight of the mixed unlabeled loss)"),
+        "dist_align": ("labeled" if s.matched else "none",
+                       "official: aligned to the labeled distribution iff imb_ratio == imb_ratio_u"),
+        "lambda_rot": (0.5 if large else 1.0,
+                       "official --w_rot 1, 0.5 when |L| + |U| >= 30000"),
+    }
+
+
+def _remixmatch_lines(s) -> list[str]:
+    return ["algorithm:", *[f"  {k}: {v}  # {why}" for k, (v, why) in remixmatch_values(s).items()]]
+
+
+#: official remixmatchcdmad.py --wd: 0.04, CIFAR-100 0.08, 0.02 when |L| + |U| >= 30000
+REMIX_LARGE_SET_DECAY = 0.02
+REMIXMATCH = "ReMixMatch + CDMAD (Lee and Kim, CVPR 2024), the ReMixMatch variant"
+
+
+def official_total(s) -> int:
+    """|L| + |U| of the official ``make_imb_data`` counts of setting ``s``."""
     k = NUM_CLASSES[s.dataset]
-    total = sum(official_counts(s.n1, k, s.gamma_l)) + sum(official_counts(s.m1, k, s.gamma_u))
-    return LARGE_SET_DECAY if total >= LARGE_SET else WEIGHT_DECAY[s.dataset]
+    return sum(official_counts(s.n1, k, s.gamma_l)) + sum(official_counts(s.m1, k, s.gamma_u))
 
 
 def _dataset_lines(s) -> list[str]:
@@ -99,10 +146,41 @@ def render_daso_protocol(s, daso: bool) -> tuple[str, str]:
                                   s.dataset)
 
 
+def render_remixmatch_official(s) -> tuple[str, str]:
+    """ReMixMatch + CDMAD in setting ``s`` with its official training recipe."""
+    name = f"{s.name}_remixmatch_cdmad_official"
+    lines = [HEADER, f"{_where(s)}; {REMIXMATCH}, its official training recipe.", "defaults:",
+             f"  - override /dataset: {s.dataset}", "  - override /algorithm: cdmad",
+             "  - override /pseudo: none", "  - override /model: wrn28_2",
+             "  - override /trainer: daso_protocol",
+             "  - override /recipe: cdmad_remixmatch_official", *_dataset_lines(s),
+             *_remixmatch_lines(s), "optim:",
+             f"  weight_decay: {remixmatch_weight_decay(s)}  # official remixmatchcdmad.py --wd "
+             "for this dataset and size",
+             "run_dir: runs/${experiment_name}-seed${seed}", f"experiment_name: {name}"]
+    return name, "\n".join(lines) + "\n"
+
+
+def render_remixmatch_daso_protocol(s, daso: bool) -> tuple[str, str]:
+    """ReMixMatch + CDMAD (+ DASO) in setting ``s`` under the DASO protocol and recipe."""
+    name = f"{s.name}_remixmatch_cdmad{'_daso' if daso else ''}"
+    comment = f"{_where(s)}; {REMIXMATCH}{' + DASO' if daso else ''}, the DASO protocol."
+    return BASE.daso_protocol_row(HEADER, comment, name, "cdmad", s, daso,
+                                  [*_dataset_lines(s), *_remixmatch_lines(s)], s.dataset)
+
+
+def paper_settings() -> list:
+    """The settings of ``settings()`` that CDMAD's own tables use."""
+    return [s for s in settings() if s.name in PAPER_SETTINGS]
+
+
 def rows() -> dict[str, str]:
     """{file stem: YAML text} of every row."""
     out = dict(render_official(s) for s in settings())
     out.update(render_daso_protocol(s, daso) for s in settings() for daso in (False, True))
+    out.update(render_remixmatch_official(s) for s in paper_settings())
+    out.update(render_remixmatch_daso_protocol(s, daso) for s in paper_settings()
+               for daso in (False, True))
     return out
 
 

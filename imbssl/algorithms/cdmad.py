@@ -1,7 +1,8 @@
 """CDMAD: class-distribution-mismatch-aware debiasing (Lee and Kim, CVPR 2024,
 "CDMAD: Class-Distribution-Mismatch-Aware Debiasing for Class-Imbalanced Semi-Supervised
 Learning"), FixMatch variant, following the official ``fixmatchcdmad.py`` of
-github.com/LeeHyuck/CDMAD (commit 7cd732b).
+github.com/LeeHyuck/CDMAD (commit 7cd732b), and ReMixMatch variant (``remixmatchcdmad.py``,
+below).
 
 The classifier's bias towards each class is measured as its logits on an image without any
 pattern (a solid-colour image, official ``white = torch.ones((1, 3, 32, 32))`` in the
@@ -35,6 +36,24 @@ Differences from the official code: one forward pass over the labeled, weak and 
 With ``pseudo=daso`` (and distribution alignment) the debiased probabilities are refined before
 the mask and the targets; DASO's semantic loss uses the first strong view.
 
+ReMixMatch variant (``algorithm.base=remixmatch``, official ``remixmatchcdmad.py``; the registry
+builds ``ReMixMatchCDMAD``, a ReMixMatch, through ``cdmad_learner``, as CReST builds its
+ReMixMatch learner). Per step, in the official order: ``g = f(x_solid)`` (train mode, first),
+the weak view's ``softmax(f(alpha(u)) - g)`` once debiasing (``ReMixMatch.guess_probs``),
+distribution alignment to the labeled distribution over this epoch's last <= 128 batch means
+(official ``emp_distb_u`` restarts every epoch), no sharpening (official ``--T 1``), the refiner;
+MixUp of [strong labeled view, weak, strong 1, strong 2] (``ReMixMatch.mixup_labeled_images``)
+and the loss ``Lx1 + Lx2 + w(t) (lambda_u Lu + lambda_kl Le) + lambda_rot Lr`` with ``Lx2`` the
+unmixed cross-entropy of the weak labeled view, ``Le`` the pre-MixUp loss and ``Lr`` the
+rotation loss of strong view 1, ``w(t)`` linear over the whole run (official ``--rampup 300`` of
+``--epochs 300``). The evaluation is debiased as the FixMatch variant's. Set ``lambda_u`` 2.0
+(official ``--lambda-u 2``) and ``dist_align`` labeled (official: where gamma_l = gamma_u) for
+the official values: the two keys are shared with the FixMatch variant, whose defaults they keep.
+Differences from the official code: one forward over the whole mixed batch (official: seven
+interleaved batches of 64), the weak labeled forward after the rotation forward (official:
+before), cross-entropy on log-softmax (official ``log(softmax + 1e-8)``), the alignment target
+normalised before its 1e-6 (official: the counts; at most 1e-6 / p(y_k) relative).
+
 Diagnostics: ``pseudo/linear`` is the argmax of the raw weak-view logits, ``pseudo/final`` the
 argmax of the debiased (and refined) ones, ``pseudo/mask`` the selection; ``cdmad/debiasing`` is
 1 once the pseudo-labels are debiased; per class (per_class.csv, kind ``cdmad``) the last
@@ -51,6 +70,7 @@ from imbssl.algorithms import register
 from imbssl.algorithms.base import AlgorithmConfig, Batch, StepState, reject_setting
 from imbssl.algorithms.fixmatch import FixMatch, fixmatch_mask
 from imbssl.algorithms.ops import one_hot, soft_cross_entropy
+from imbssl.algorithms.remixmatch import ReMixMatch
 from imbssl.data.ctaugment import with_ctaugment
 from imbssl.errors import UserError
 from imbssl.pseudo.base import add_extra_loss
@@ -77,6 +97,18 @@ class CDMADConfig(AlgorithmConfig):
     dist_align: str = "none"  # none | labeled | uniform (official CDMAD FixMatch: none)
     dist_align_window: int = 128  # batches in p~(y) (ReMixMatch / DASO)
     strong_augment: str = "randaugment"  # randaugment | ctaugment (official: RandAugment)
+    base: str = "fixmatch"  # fixmatch (official fixmatchcdmad.py) | remixmatch (remixmatchcdmad.py)
+    # ReMixMatch variant only (base=remixmatch; official remixmatchcdmad.py; set lambda_u 2.0
+    # there, official --lambda-u 2, and dist_align labeled where gamma_l = gamma_u)
+    temperature: float = 1.0  # T (official --T 1: the sharpening lines are commented out)
+    mixup_alpha: float = 0.75  # official --mix_alpha 0.75
+    lambda_kl: float = 0.5  # pre-MixUp loss Le on strong view 1, ramped (official --w_ent 0.5)
+    lambda_rot: float = 1.0  # rotation loss Lr (official --w_rot 1; 0.5 if |L|+|U| >= 30000)
+    rampup_ratio: float = 1.0  # ramp of lambda_u, lambda_kl (official --rampup 300 = --epochs 300)
+    passes: str = "official"  # ReMixMatch's forward passes (configs/algorithm/remixmatch.yaml)
+    labeled_mixup_view: str = "strong"  # labeled view in MixUp (official inputs_x1 = inputsstrong)
+    weak_labeled_loss: bool = True  # + CE of the unmixed weak labeled view (official Lx = Lx1 + Lx2)
+    dist_align_epoch_reset: bool = True  # p~(y) restarts each epoch (official emp_distb_u)
 
 
 def solid_image(shape: tuple[int, ...], value: float, device, dtype=torch.float32) -> Tensor:
@@ -116,26 +148,52 @@ def debiasing_due(step: int, epoch_iters: int, after_epochs: int) -> bool:
     return step // epoch_iters > after_epochs
 
 
-@register("cdmad")
-class CDMAD(FixMatch):
-    """FixMatch whose pseudo-labels and test predictions subtract the logits of a solid image."""
+BASES = ("fixmatch", "remixmatch")
+LABELED_MIXUP_VIEWS = ("strong", "weak")
+#: FixMatch-variant settings that the ReMixMatch variant does not read, at their defaults
+FIXMATCH_ONLY = {"min_confidence": 0.0, "soft_targets": True, "strong_views": 2}
 
-    Config = CDMADConfig
-    unlabeled_views = ("weak", "strong", "strong")
 
-    def __init__(self, cfg: CDMADConfig, num_classes: int, feat_dim: int,
-                 labeled_labels: Tensor, refiner=None):
-        if getattr(cfg, "logit_adjust", "none") == "posthoc":
-            raise UserError("algorithm=cdmad debiases its evaluation by the measured bias "
-                            "itself; algorithm.logit_adjust=posthoc does not apply, set "
-                            "algorithm.logit_adjust=none (or loss)")
-        super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
-        reject_setting(cfg, "strong_views", ">= 1", when=cfg.strong_views < 1)
-        reject_setting(cfg, "epoch_iters", ">= 1", when=cfg.epoch_iters < 1)
-        reject_setting(cfg, "debias_after_epochs", ">= -1", when=cfg.debias_after_epochs < -1)
-        reject_setting(cfg, "min_confidence", "in [0, 1]", when=not 0 <= cfg.min_confidence <= 1)
-        self.unlabeled_views = with_ctaugment(("weak",) + ("strong",) * cfg.strong_views,
-                                              self.ctaugment)
+def check_cdmad_config(cfg: CDMADConfig) -> None:
+    """One-line errors for settings CDMAD cannot use (both bases)."""
+    if getattr(cfg, "logit_adjust", "none") == "posthoc":
+        raise UserError("algorithm=cdmad debiases its evaluation by the measured bias "
+                        "itself; algorithm.logit_adjust=posthoc does not apply, set "
+                        "algorithm.logit_adjust=none (or loss)")
+    if cfg.base not in BASES:
+        raise UserError(f"algorithm.base={cfg.base} is not available for CDMAD; use one of "
+                        f"{BASES} (official fixmatchcdmad.py, remixmatchcdmad.py)")
+    reject_setting(cfg, "epoch_iters", ">= 1", when=cfg.epoch_iters < 1)
+    reject_setting(cfg, "debias_after_epochs", ">= -1", when=cfg.debias_after_epochs < -1)
+
+
+def check_remixmatch_config(cfg: CDMADConfig) -> None:
+    """One-line errors for the ReMixMatch variant's settings."""
+    changed = [k for k, v in FIXMATCH_ONLY.items() if getattr(cfg, k) != v]
+    if changed:
+        raise UserError(f"algorithm.{changed[0]} is a setting of CDMAD's FixMatch variant; "
+                        "with algorithm.base=remixmatch the guess is the debiased, aligned "
+                        "distribution of the weak view for both strong views: leave it at "
+                        f"{str(FIXMATCH_ONLY[changed[0]]).lower()}")
+    if cfg.labeled_mixup_view not in LABELED_MIXUP_VIEWS:
+        raise UserError(f"algorithm.labeled_mixup_view={cfg.labeled_mixup_view} must be one "
+                        f"of {LABELED_MIXUP_VIEWS}")
+    reject_setting(cfg, "temperature", "> 0", when=not cfg.temperature > 0)
+    reject_setting(cfg, "mixup_alpha", "> 0", when=not cfg.mixup_alpha > 0)
+    reject_setting(cfg, "rampup_ratio", ">= 0", when=not cfg.rampup_ratio >= 0)
+
+
+def cdmad_learner(cfg: CDMADConfig) -> type:
+    """The class ``algorithm=cdmad`` trains with: CDMAD's debiasing on the learner
+    ``cfg.base`` (FixMatch: ``CDMAD``; ReMixMatch: ``ReMixMatchCDMAD``)."""
+    return ReMixMatchCDMAD if cfg.base == "remixmatch" else CDMAD
+
+
+class SolidImageDebiasing:
+    """CDMAD's measurement of the bias on a solid image and its debiased evaluation, mixed
+    into the learner (FixMatch or ReMixMatch)."""
+
+    def _init_debiasing(self, num_classes: int) -> None:
         #: (C, H, W) of the training images (the solid image's shape; zeros before a step)
         self.register_buffer("input_shape", torch.zeros(3, dtype=torch.long))
         #: the bias g measured at the last step (diagnostics; measured afresh each step)
@@ -161,6 +219,16 @@ class CDMAD(FixMatch):
             self._shape = tuple(images.shape[1:])
             self.input_shape.copy_(torch.tensor(self._shape, dtype=torch.long))
 
+    def measure_training_bias(self, model: nn.Module, images: Tensor) -> Tensor:
+        """g of this step: the training network (train mode) on the solid image, alone in its
+        batch, before the step's forwards (official ``biaseddegree, _ = model(white)``)."""
+        self.record_input_shape(images)
+        measure = (measure_bias if self.cfg.bias_updates_bn_stats
+                   else measure_bias_keeping_bn_stats)
+        bias = measure(model, self.solid_image(images.device))
+        self.bias.copy_(bias)
+        return bias
+
     def eval_predictor(self, model: nn.Module):
         """argmax f(x) - g with g measured on the evaluated network at the first batch (in
         eval mode, as official ``validate``), or the raw logits with ``debias_eval=false``."""
@@ -183,6 +251,37 @@ class CDMAD(FixMatch):
     def debiasing(self, step: int) -> bool:
         return debiasing_due(step, self.cfg.epoch_iters, self.cfg.debias_after_epochs)
 
+    def debiasing_log(self, step: int, like: Tensor) -> Tensor:
+        """``cdmad/debiasing``: 1 once the pseudo-labels are debiased."""
+        return like.new_tensor(float(self.debiasing(step)))
+
+
+@register("cdmad", learner=cdmad_learner)
+class CDMAD(SolidImageDebiasing, FixMatch):
+    """FixMatch whose pseudo-labels and test predictions subtract the logits of a solid image
+    (the class of ``algorithm=cdmad``; with ``base=remixmatch`` the registry builds
+    ``ReMixMatchCDMAD``)."""
+
+    Config = CDMADConfig
+    unlabeled_views = ("weak", "strong", "strong")
+
+    def __init__(self, cfg: CDMADConfig, num_classes: int, feat_dim: int,
+                 labeled_labels: Tensor, refiner=None):
+        check_cdmad_config(cfg)
+        super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
+        reject_setting(cfg, "strong_views", ">= 1", when=cfg.strong_views < 1)
+        reject_setting(cfg, "min_confidence", "in [0, 1]", when=not 0 <= cfg.min_confidence <= 1)
+        self.unlabeled_views = with_ctaugment(("weak",) + ("strong",) * cfg.strong_views,
+                                              self.ctaugment)
+        self._init_debiasing(num_classes)
+
+    @classmethod
+    def make_heads(cls, cfg, feat_dim: int, num_classes: int):
+        """The heads of the learner ``cfg.base`` (ReMixMatch's rotation head)."""
+        if cfg.base == "remixmatch":
+            return ReMixMatchCDMAD.make_heads(cfg, feat_dim, num_classes)
+        return super().make_heads(cfg, feat_dim, num_classes)
+
     @torch.no_grad()
     def pseudo_targets(self, logits_w: Tensor, feats_w: Tensor, bias: Tensor, step: int
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -200,10 +299,7 @@ class CDMAD(FixMatch):
 
     def step(self, batch: Batch, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
         cfg = self.cfg
-        self.record_input_shape(batch.x_lb)
-        measure = measure_bias if cfg.bias_updates_bn_stats else measure_bias_keeping_bn_stats
-        bias = measure(state.model, self.solid_image(batch.x_lb.device))  # g, train mode
-        self.bias.copy_(bias)
+        bias = self.measure_training_bias(state.model, batch.x_lb)  # g, train mode
         probe_logs, (logits_x, _), (logits_w, feats_w), *strong = self.forward_views(batch, state)
         loss_x = self.labeled_loss(logits_x, batch.y_lb)
         targets, mask, pseudo, linear = self.pseudo_targets(logits_w, feats_w, bias, state.step)
@@ -213,12 +309,71 @@ class CDMAD(FixMatch):
         loss_u = torch.cat([soft_cross_entropy(logits_s, targets) * mask
                             for logits_s, _ in strong]).mean()
         loss = loss_x + cfg.lambda_u * loss_u
-        debiasing = mask.new_tensor(float(self.debiasing(state.step)))
         logs = {"loss/labeled": loss_x.detach(), "loss/unlabeled": loss_u.detach(),
-                "mask/ratio": mask.mean(), "cdmad/debiasing": debiasing,
+                "mask/ratio": mask.mean(), "cdmad/debiasing": self.debiasing_log(state.step, mask),
                 "pseudo/linear": linear, "pseudo/final": pseudo, "pseudo/mask": mask,
                 **probe_logs}
         extra, extra_logs = self.refiner.extra_loss(feats_w, strong[0][1], state.step)
         loss = add_extra_loss(loss, logs, extra, extra_logs)
         logs.update(self.refiner.pseudo_logs())
+        return loss, logs
+
+
+class ReMixMatchCDMAD(SolidImageDebiasing, ReMixMatch):
+    """ReMixMatch whose guess and test predictions subtract the logits of a solid image
+    (official ``remixmatchcdmad.py``): the class ``algorithm=cdmad`` trains with
+    ``algorithm.base=remixmatch`` (see ``cdmad_learner``).
+
+    Per step: g = f(x_solid) (train mode, first) -> the weak view's ``softmax(f(alpha(u)) -
+    g)`` once debiasing -> distribution alignment over this epoch's batches -> sharpening (T 1:
+    none) -> the refiner; MixUp of [strong labeled, weak, strong 1, strong 2] with [y, q, q, q];
+    L = Lx1 + Lx2 + w(t) lambda_u Lu + w(t) lambda_kl Le + lambda_rot Lr (official ``loss``)."""
+
+    Config = CDMADConfig
+    registered_name = "cdmad"
+    # official dataset/remix_cifar10.py: TransformTwice(weak, strong) -> weak, strong, strong;
+    # labeled TransformDoub(strong, weak); strong = RandAugment(3, 4) first, + Cutout(16)
+    unlabeled_views = ("weak", "strong", "strong")
+    labeled_views = ("strong",)
+
+    def __init__(self, cfg: CDMADConfig, num_classes: int, feat_dim: int,
+                 labeled_labels: Tensor, refiner=None):
+        check_cdmad_config(cfg)
+        check_remixmatch_config(cfg)
+        super().__init__(cfg, num_classes, feat_dim, labeled_labels, refiner)
+        views = ("strong",) if cfg.labeled_mixup_view == "strong" else ()
+        self.labeled_views = with_ctaugment(views, self.ctaugment)
+        self._init_debiasing(num_classes)
+
+    def guess_probs(self, logits_w: Tensor, state: StepState) -> tuple[Tensor, Tensor]:
+        """``q = softmax(f(alpha(u)) - g)`` once debiasing (official ``outputs_u = outputs_u
+        - biaseddegree`` when ``epoch > debiasstart``), the raw softmax before; the linear
+        pseudo-label is the argmax of the raw logits."""
+        raw = logits_w.detach().float()
+        logits = debiased_logits(raw, self.bias) if self.debiasing(state.step) else raw
+        return torch.softmax(logits, dim=-1), raw.argmax(dim=-1)
+
+    def mixup_labeled_images(self, batch: Batch) -> Tensor:
+        """The strong labeled view (official ``inputs_x1 = inputsstrong``), or the weak one
+        with ``labeled_mixup_view=weak``."""
+        return batch.x_lb_views[0] if self.cfg.labeled_mixup_view == "strong" else batch.x_lb
+
+    def restart_alignment_window(self, step: int) -> None:
+        """p~(y) averages this epoch's batches only (official: ``emp_distb_u`` restarts from the
+        first batch of every epoch, since ``train`` never returns it to ``main``)."""
+        da = self.dist_align
+        if da is not None and self.cfg.dist_align_epoch_reset and step % self.cfg.epoch_iters == 0:
+            da.history.zero_()
+            da.count.zero_()
+
+    def step(self, batch: Batch, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
+        self.measure_training_bias(state.model, batch.x_lb)  # g, train mode, before all else
+        self.restart_alignment_window(state.step)
+        loss, logs = super().step(batch, state)
+        if self.cfg.weak_labeled_loss:
+            # Lx2 = H(y, p_m(y | x_weak)), unmixed (official ``logits_x2, _ = model(inputs_x2)``)
+            loss_x2 = self.labeled_loss(state.model(batch.x_lb).logits, batch.y_lb)
+            loss = loss + loss_x2
+            logs["loss/labeled_weak"] = loss_x2.detach()
+        logs["cdmad/debiasing"] = self.debiasing_log(state.step, loss)
         return loss, logs

@@ -98,6 +98,32 @@ class ReMixMatch(Algorithm):
         """Weight ramp of lambda_U and lambda_U1 (linear over ``rampup_ratio`` of training)."""
         return linear_rampup(state.step, state.total_steps, self.cfg.rampup_ratio)
 
+    def guess_probs(self, logits_w: Tensor, state: StepState) -> tuple[Tensor, Tensor]:
+        """(q, the diagnostics' linear pseudo-label): the weak view's class probabilities the
+        guess starts from, before alignment and sharpening, ``q = softmax(f(alpha(u)))``, and
+        their argmax. Call under ``torch.no_grad()``; a variant changes ``q`` here (CDMAD:
+        ``softmax(f(alpha(u)) - g)``)."""
+        probs = torch.softmax(logits_w.detach().float(), dim=-1)
+        return probs, probs.argmax(dim=-1)
+
+    @torch.no_grad()
+    def guess_targets(self, logits_w: Tensor, feats_w: Tensor, state: StepState
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+        """(guessed targets q of the unlabeled batch, linear pseudo-label, argmax q): the weak
+        view's probabilities (``guess_probs``) -> distribution alignment -> sharpening ->
+        the refiner."""
+        probs, linear = self.guess_probs(logits_w, state)
+        if self.dist_align is not None:  # q = Normalize(q * p(y) / p~(y))  (Sec. 3.1)
+            probs = self.dist_align(probs)
+        targets_u = sharpen(probs, self.cfg.temperature)  # (Alg. 1, as MixMatch Eq. 7)
+        targets_u = self.refiner.refine(targets_u, feats_w.detach(), state.step)
+        return targets_u, linear, targets_u.argmax(dim=-1)
+
+    def mixup_labeled_images(self, batch: Batch) -> Tensor:
+        """The labeled images that enter MixUp: the weak view ``batch.x_lb`` (ReMixMatch
+        Alg. 1; CDMAD's official code mixes a strong view)."""
+        return batch.x_lb
+
     def step(self, batch: Batch, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
         cfg, model = self.cfg, state.model
         x_w, x_s1, x_s2 = batch.x_ulb
@@ -110,19 +136,12 @@ class ReMixMatch(Algorithm):
                 out_w = model(x_w)
             logits_w, feats_w = out_w.logits, out_w.features
 
-        with torch.no_grad():
-            probs = torch.softmax(logits_w.detach().float(), dim=-1)
-            linear = probs.argmax(dim=-1)
-            if self.dist_align is not None:  # q = Normalize(q * p(y) / p~(y))  (Sec. 3.1)
-                probs = self.dist_align(probs)
-            targets_u = sharpen(probs, cfg.temperature)  # (Alg. 1, as MixMatch Eq. 7)
-            targets_u = self.refiner.refine(targets_u, feats_w.detach(), state.step)
-            pseudo = targets_u.argmax(dim=-1)
+        targets_u, linear, pseudo = self.guess_targets(logits_w, feats_w, state)
         self.refiner.observe(pseudo)
         ramp = self.consistency_ramp(state)
 
         n_lb = batch.x_lb.size(0)
-        x_all = torch.cat([batch.x_lb, x_w, x_s1, x_s2])
+        x_all = torch.cat([self.mixup_labeled_images(batch), x_w, x_s1, x_s2])
         y_all = torch.cat([one_hot(batch.y_lb, self.num_classes), targets_u, targets_u, targets_u])
         x_mix, y_mix, lam = mixup(x_all, y_all, cfg.mixup_alpha)
         logits = model(x_mix).logits
@@ -146,7 +165,8 @@ class ReMixMatch(Algorithm):
         logs = {"loss/labeled": loss_x.detach(), "loss/unlabeled": loss_u.detach(),
                 "loss/premixup": loss_kl.detach(), "loss/rotation": loss_rot.detach(),
                 "mixup/lambda": lam, "pseudo/linear": linear, "pseudo/final": pseudo,
-                "pseudo/mask": torch.ones_like(probs[:, 0]), **probe_logs}
+                "pseudo/mask": torch.ones(pseudo.shape, dtype=torch.float32, device=pseudo.device),
+                **probe_logs}
         extra, extra_logs = self.refiner.extra_loss(feats_w, feats_s1, state.step)
         loss = add_extra_loss(loss, logs, extra, extra_logs)
         logs.update(self.refiner.pseudo_logs())

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from imbssl.algorithms import StepState
+from imbssl.algorithms import StepState, get_algorithm
 from imbssl.algorithms.cdmad import measure_bias, measure_bias_keeping_bn_stats
 from imbssl.engine.checkpoint import state_differences
 from imbssl.engine.trainer import Trainer
@@ -162,16 +162,22 @@ def test_posthoc_logit_adjustment_is_refused_in_one_line(tmp_path):
     assert len(lines) == 1 and "logit_adjust=posthoc" in lines[0]
 
 
-def test_a_run_resumed_before_the_debiasing_starts_ends_exactly_alike(tmp_path):
-    """8 steps (0-7), debiasing from step 4; resumed from the checkpoint after step 2."""
+#: the ReMixMatch variant with its official lambda_u and alignment (restarted every epoch)
+REMIX = ["algorithm.base=remixmatch", "algorithm.lambda_u=2.0", "algorithm.dist_align=labeled"]
+
+
+@pytest.mark.parametrize("base", [[], REMIX], ids=["fixmatch", "remixmatch"])
+def test_a_run_resumed_before_the_debiasing_starts_ends_exactly_alike(tmp_path, base):
+    """8 steps (0-7), debiasing from step 4; resumed from the checkpoint after step 2 (with
+    ReMixMatch: the alignment window of epoch 1, its ramp and rotation head carry over)."""
     from imbssl.cli import compose
 
     ref, run = tmp_path / "ref", tmp_path / "resumed"
-    Trainer(compose([*RUN, f"run_dir={ref}"])).run()
+    Trainer(compose([*RUN, *base, f"run_dir={ref}"])).run()
     shutil.copytree(ref, run)
     for step in (4, 6, 8):
         (run / "checkpoints" / f"ckpt_{step:08d}.pt").unlink()
-    trainer = Trainer(compose([*RUN, f"run_dir={run}", "resume=true"]))
+    trainer = Trainer(compose([*RUN, *base, f"run_dir={run}", "resume=true"]))
     trainer.prepare()
     assert trainer.step_count == 2
     trainer.run()
@@ -204,6 +210,154 @@ def test_digits_lt_cli_run(tmp_path, pseudo):
     assert NUM_CLASSES == 3  # the unit tests above use the 3-class fixture
 
 
+# ----------------------------------------------------------------------------- ReMixMatch variant
+
+def _remix_setup(**overrides):
+    """(algorithm, model, ema, optimizer, labels) of ``algorithm=cdmad algorithm.base=
+    remixmatch`` (the class the registry builds for it), official lambda_u and alignment."""
+    from imbssl.algorithms import algorithm_class
+    from imbssl.models import EMA
+    from imbssl.models.base import Network
+    from imbssl.models.small_cnn import SmallCNN
+
+    from .conftest import NUM_LABELED
+
+    values = dict(base="remixmatch", lambda_u=2.0, dist_align="labeled", epoch_iters=2,
+                  debias_after_epochs=0)
+    values.update(overrides)
+    torch.manual_seed(0)
+    cfg = get_algorithm("cdmad").Config(**values)
+    cls = algorithm_class("cdmad", cfg)
+    labels = torch.arange(NUM_LABELED) % NUM_CLASSES
+    backbone = SmallCNN(NUM_CLASSES, in_channels=1)
+    model = Network(backbone, get_algorithm("cdmad").make_heads(cfg, backbone.feat_dim,
+                                                                 NUM_CLASSES)).train()
+    algo = cls(cfg, NUM_CLASSES, backbone.feat_dim, labels)
+    ema = EMA(model, 0.999)
+    return algo, model, ema, torch.optim.SGD(model.parameters(), lr=0.03), labels
+
+
+def test_the_registry_builds_the_remixmatch_learner_with_its_views_and_rotation_head():
+    from imbssl.algorithms import algorithm_class
+    from imbssl.algorithms.cdmad import CDMAD, ReMixMatchCDMAD
+    from imbssl.algorithms.remixmatch import ReMixMatch
+
+    cfg = get_algorithm("cdmad").Config()
+    assert algorithm_class("cdmad", cfg) is CDMAD and cfg.base == "fixmatch"
+    cfg = get_algorithm("cdmad").Config(base="remixmatch")
+    assert algorithm_class("cdmad", cfg) is ReMixMatchCDMAD
+    assert issubclass(ReMixMatchCDMAD, ReMixMatch)
+    assert set(CDMAD.make_heads(cfg, 8, 3)) == {"rotation"}
+    algo = _remix_setup()[0]
+    assert algo.unlabeled_views == ("weak", "strong", "strong")
+    assert algo.labeled_views == ("strong",)  # official TransformDoub(strong, weak)
+    assert _remix_setup(labeled_mixup_view="weak")[0].labeled_views == ()
+
+
+def test_the_remixmatch_guess_subtracts_the_bias_once_debiasing():
+    algo = _remix_setup(dist_align="none", debias_after_epochs=1)[0]
+    algo.bias.copy_(torch.tensor([1.5, -1.0, 0.0]))
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.2, 0.1]])
+    feats = torch.zeros(2, algo.feat_dim)
+    for step, want in ((3, logits), (4, logits - algo.bias)):  # epochs 1 and 2 of 2 steps
+        state = StepState(step, 10, None, None)
+        targets, linear, pseudo = algo.guess_targets(logits, feats, state)
+        assert torch.allclose(targets, torch.softmax(want, -1))  # T 1: no sharpening
+        assert linear.tolist() == [0, 1] and pseudo.tolist() == want.argmax(-1).tolist()
+
+
+def test_the_alignment_window_restarts_with_each_epoch():
+    algo = _remix_setup()[0]
+    da = algo.dist_align
+    for step in range(3):
+        algo.restart_alignment_window(step)
+        da.update(torch.softmax(torch.randn(4, NUM_CLASSES), -1))
+    assert int(da.count) == 1 and torch.equal(da.history[1:], torch.zeros_like(da.history[1:]))
+    kept = _remix_setup(dist_align_epoch_reset=False)[0]
+    for step in range(3):
+        kept.restart_alignment_window(step)
+        kept.dist_align.update(torch.softmax(torch.randn(4, NUM_CLASSES), -1))
+    assert int(kept.dist_align.count) == 3
+
+
+def test_the_remixmatch_step_adds_the_official_terms():
+    """L = Lx1 + Lx2 + w (lambda_u Lu + lambda_kl Le) + lambda_rot Lr (official ``loss``), the
+    bias measured first, the strong labeled view mixed, the weak one in Lx2."""
+    algo, model, ema, opt, labels = _remix_setup()
+    batch = make_batch(algo, labels)
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    want_bias = measure_bias(model, torch.ones(1, 1, 8, 8))
+    model.load_state_dict(snapshot)
+    seen = {}
+    original = algo.mixup_labeled_images
+    algo.mixup_labeled_images = lambda b: seen.setdefault("mixed", original(b))
+    loss, logs = algo.step(batch, StepState(2, 10, model, ema.model))
+    assert torch.allclose(algo.bias, want_bias, atol=1e-6)
+    assert seen["mixed"] is batch.x_lb_views[0]
+    ramp = 2 / 10  # rampup_ratio 1: linear over the whole run
+    want = (logs["loss/labeled"] + logs["loss/labeled_weak"] + logs["loss/rotation"]
+            + ramp * (2.0 * logs["loss/unlabeled"] + 0.5 * logs["loss/premixup"]))
+    assert torch.allclose(loss.detach(), want, atol=1e-5)
+    assert float(logs["cdmad/debiasing"]) == 1.0
+    no_x2 = _remix_setup(weak_labeled_loss=False)[0]
+    assert "loss/labeled_weak" not in no_x2.step(make_batch(no_x2, labels),
+                                                 StepState(2, 10, model, ema.model))[1]
+
+
+def test_the_remixmatch_variant_evaluates_debiased_and_round_trips():
+    algo, model, ema, opt, labels = _remix_setup()
+    for step in range(2):
+        loss, _ = algo.step(make_batch(algo, labels), StepState(step, 10, model, ema.model))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net = model.eval()
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        out = net(x)
+        got = algo.eval_predictor(net)(out)
+        bias = net(torch.ones(1, 1, 8, 8)).logits[0]
+    assert torch.allclose(got, out.logits - bias, atol=1e-6)
+    fresh = _remix_setup()[0]
+    fresh.load_state_dict(algo.state_dict())
+    assert torch.equal(fresh.bias, algo.bias)
+    assert torch.equal(fresh.dist_align.history, algo.dist_align.history)
+
+
+@pytest.mark.parametrize("override,words", [
+    ("algorithm.base=mixmatch", "algorithm.base=mixmatch"),
+    ("algorithm.min_confidence=0.5", "algorithm.min_confidence"),
+    ("algorithm.labeled_mixup_view=both", "labeled_mixup_view"),
+    ("algorithm.temperature=0", "algorithm.temperature"),
+])
+def test_bad_remixmatch_settings_are_refused_in_one_line(tmp_path, override, words):
+    proc = subprocess.run([sys.executable, "-m", "imbssl", "train", "algorithm=cdmad",
+                           "algorithm.base=remixmatch", override, "trainer.iterations=1",
+                           f"run_dir={tmp_path / 'run'}", "device=cpu", *QUIET],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], lines
+
+
+@pytest.mark.parametrize("pseudo", ["none", "daso"])
+def test_remixmatch_digits_lt_cli_run(tmp_path, pseudo):
+    """``imbssl train algorithm=cdmad algorithm.base=remixmatch pseudo=none|daso``."""
+    from .test_abc import run_digits_cli
+
+    extra = ["pseudo.warmup_iters=1"] if pseudo == "daso" else []
+    run = run_digits_cli(tmp_path, "algorithm=cdmad", "algorithm.base=remixmatch",
+                         f"pseudo={pseudo}", "algorithm.epoch_iters=1",
+                         "algorithm.debias_after_epochs=-1", *REMIX[1:], *extra)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert all(r["cdmad/debiasing"] == 1.0 and "loss/rotation" in r for r in train)
+    assert all("loss/labeled_weak" in r for r in train)
+    assert any("loss/daso_align" in r for r in train) == (pseudo == "daso")
+    pc = pd.read_csv(run / "per_class.csv")
+    assert len(pc[(pc.kind == "cdmad") & (pc.metric == "bias")]) == 2 * 10
+
+
 # ----------------------------------------------------------------------------- official recipe
 
 def test_adamw_decays_every_parameter_by_lr_times_wd_per_step():
@@ -222,6 +376,21 @@ def test_adamw_decays_every_parameter_by_lr_times_wd_per_step():
     opt.step()
     for p, b in zip(net.parameters(), before, strict=True):
         assert torch.allclose(p, b * (1 - 0.0015 * 0.04), atol=1e-9)
+
+
+def test_the_remixmatch_official_recipe_replaces_the_daso_recipe():
+    """recipe=cdmad_remixmatch_official: remixmatchcdmad.py's lr 2e-3, batch 64, 300 epochs."""
+    from imbssl.cli import compose
+
+    for base in ([], ["trainer=daso_protocol"]):
+        cfg = compose(["algorithm=cdmad", "algorithm.base=remixmatch", *base,
+                       "recipe=cdmad_remixmatch_official"])
+        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == ("adamw", 0.002, 0.04)
+        assert cfg.optim.schedule == "constant" and cfg.optim.decay_scope == "all"
+        assert not cfg.model.ema_warmup and not cfg.model.ema_train_mode
+        assert cfg.model.ema_buffers == "average" and cfg.model.ema_decay == 0.999
+        assert (cfg.trainer.iterations, cfg.trainer.batch_size, cfg.trainer.eval_interval) == \
+            (150000, 64, 500)
 
 
 def test_the_official_recipe_replaces_the_daso_recipe_and_trains(tmp_path):
@@ -262,11 +431,31 @@ def test_rows_are_generated_and_compose():
     settings += [f"cifar10_lt_g100_n{n}_{m}" for n in (500, 1500) for m in ("uniform", "reversed")]
     settings += [f"cifar100_lt_g10_n{n}" for n in (50, 150)]
     want = {f"{s}_cdmad{v}" for s in settings for v in ("_official", "", "_daso")}
-    assert set(gen.rows()) == want
+    paper = ["cifar10_lt_g100_n1500", "cifar10_lt_g150_n1500", "cifar10_lt_g100_n1500_uniform"]
+    remix = {f"{s}_remixmatch_cdmad{v}" for s in paper for v in ("_official", "", "_daso")}
+    assert set(gen.rows()) == want | remix
     # official fixmatchcdmad.py: |L| + |U| of make_imb_data >= 30000 -> wd 0.01 (uniform rows)
     assert gen.official_counts(1500, 10, 100) == [1500, 899, 539, 323, 193, 116, 69, 41, 25, 15]
+    for name in sorted(remix):
+        cfg = compose([f"experiment={name}"])
+        assert cfg.experiment_name == name and cfg.algorithm.name == "cdmad"
+        a, uniform = cfg.algorithm, "_uniform" in name
+        assert a.base == "remixmatch" and a.lambda_u == 2.0
+        # official remixmatchcdmad.py: aligned iff imb_ratio == imb_ratio_u; |L| + |U| >= 30000
+        # (uniform rows) -> --w_rot 0.5, --wd 0.02
+        assert a.dist_align == ("none" if uniform else "labeled")
+        assert a.lambda_rot == (0.5 if uniform else 1.0)
+        assert (cfg.pseudo.name == "daso") == name.endswith("_daso")
+        if name.endswith("_official"):
+            assert (cfg.optim.name, cfg.optim.lr) == ("adamw", 0.002)
+            assert cfg.optim.weight_decay == (0.02 if uniform else 0.04)
+            assert (cfg.trainer.iterations, cfg.trainer.batch_size) == (150000, 64)
+            assert not cfg.model.ema_warmup and cfg.trainer.eval_interval == 500
+        else:
+            assert cfg.optim.name == "sgd" and cfg.trainer.iterations == 250000
     for name in sorted(want):
         cfg = compose([f"experiment={name}"])
+        assert cfg.algorithm.base == "fixmatch"
         assert cfg.experiment_name == name and cfg.algorithm.name == "cdmad"
         assert cfg.model.name == "wrn28_2" and cfg.trainer.iterations == 250000
         assert (cfg.pseudo.name == "daso") == name.endswith("_daso")

@@ -58,6 +58,10 @@ def _cases() -> dict[str, list[str]]:
     for base in ("mixmatch", "remixmatch"):  # CoSSL's other bases (learner per base)
         cases[f"cossl_{base}"] = ["algorithm=cossl", f"algorithm.base={base}", "pseudo=none"]
         cases[f"cossl_{base}_daso"] = ["algorithm=cossl", f"algorithm.base={base}", *DASO]
+    cases["cdmad_remixmatch"] = ["algorithm=cdmad", "algorithm.base=remixmatch",
+                                 "algorithm.dist_align=labeled", "algorithm.epoch_iters=4",
+                                 "algorithm.debias_after_epochs=1", "pseudo=none"]
+    cases["cdmad_remixmatch_daso"] = [*cases["cdmad_remixmatch"][:-1], *DASO]
     cases["crest_la_posthoc"] = ["algorithm=crest", "algorithm.logit_adjust=posthoc",
                                  "pseudo=none"]
     cases["fixmatch_la_loss"] = ["algorithm=fixmatch", "algorithm.logit_adjust=loss",
