@@ -83,7 +83,7 @@ class CDMADConfig(AlgorithmConfig):
     name: str = "cdmad"
     uratio: int = 2  # mu (official fixmatchcdmad.py --unlabeledratio 2)
     min_confidence: float = 0.0  # tau: q is used where max q >= tau (official --tau 0: all)
-    lambda_u: float = 1.0  # (official loss = Lx + Lu)
+    lambda_u: float | None = None  # null: the base's (BASE_DEFAULTS)
     soft_targets: bool = True  # official all_targets = softmax targets (hard p_hat commented out)
     strong_views: int = 2  # official TransformTwice: weak + two strong views, both trained
     epoch_iters: int = 500  # steps per epoch (official --val-iteration 500)
@@ -94,12 +94,11 @@ class CDMADConfig(AlgorithmConfig):
     #: here, 1 of 5 in the official loop)
     bias_updates_bn_stats: bool = True
     debias_eval: bool = True  # evaluate argmax f(x) - g (official validate: outputs - biaseddegree)
-    dist_align: str = "none"  # none | labeled | uniform (official CDMAD FixMatch: none)
+    dist_align: str | None = None  # none | labeled | uniform; null: the base's (BASE_DEFAULTS)
     dist_align_window: int = 128  # batches in p~(y) (ReMixMatch / DASO)
     strong_augment: str = "randaugment"  # randaugment | ctaugment (official: RandAugment)
     base: str = "fixmatch"  # fixmatch (official fixmatchcdmad.py) | remixmatch (remixmatchcdmad.py)
-    # ReMixMatch variant only (base=remixmatch; official remixmatchcdmad.py; set lambda_u 2.0
-    # there, official --lambda-u 2, and dist_align labeled where gamma_l = gamma_u)
+    # ReMixMatch variant only (base=remixmatch; official remixmatchcdmad.py)
     temperature: float = 1.0  # T (official --T 1: the sharpening lines are commented out)
     mixup_alpha: float = 0.75  # official --mix_alpha 0.75
     lambda_kl: float = 0.5  # pre-MixUp loss Le on strong view 1, ramped (official --w_ent 0.5)
@@ -109,6 +108,22 @@ class CDMADConfig(AlgorithmConfig):
     labeled_mixup_view: str = "strong"  # labeled view in MixUp (official inputs_x1 = inputsstrong)
     weak_labeled_loss: bool = True  # + CE of the unmixed weak labeled view (official Lx = Lx1 + Lx2)
     dist_align_epoch_reset: bool = True  # p~(y) restarts each epoch (official emp_distb_u)
+
+    def __post_init__(self) -> None:
+        """Null fields take the base's value; an unknown base is left to ``check_cdmad_config``."""
+        for key, value in BASE_DEFAULTS.get(self.base, {}).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+
+
+#: The official value per base of the fields both variants share (a null in the config):
+BASE_DEFAULTS = {
+    # fixmatchcdmad.py: loss = Lx + Lu; no distribution alignment
+    "fixmatch": {"lambda_u": 1.0, "dist_align": "none"},
+    # remixmatchcdmad.py --lambda-u 2; alignment iff imb_ratio == imb_ratio_u (a row of another
+    # unlabeled distribution sets dist_align=none, as the generated rows do)
+    "remixmatch": {"lambda_u": 2.0, "dist_align": "labeled"},
+}
 
 
 def solid_image(shape: tuple[int, ...], value: float, device, dtype=torch.float32) -> Tensor:

@@ -469,3 +469,26 @@ def test_rows_are_generated_and_compose():
         else:
             assert cfg.optim.name == "sgd" and cfg.trainer.batch_size == 64
             assert cfg.model.ema_warmup
+
+
+def test_null_shared_fields_take_the_official_value_of_the_base():
+    from imbssl.algorithms.cdmad import CDMADConfig
+
+    fix, remix = CDMADConfig(), CDMADConfig(base="remixmatch")
+    assert (fix.lambda_u, fix.dist_align) == (1.0, "none")  # fixmatchcdmad.py
+    assert (remix.lambda_u, remix.dist_align) == (2.0, "labeled")  # remixmatchcdmad.py
+    kept = CDMADConfig(base="remixmatch", lambda_u=1.5, dist_align="none")
+    assert (kept.lambda_u, kept.dist_align) == (1.5, "none")
+
+
+def test_the_plain_remixmatch_command_trains_with_the_official_values(tmp_path):
+    from hydra.core.global_hydra import GlobalHydra
+
+    from imbssl.cli import compose
+    from imbssl.engine.trainer import Trainer
+
+    GlobalHydra.instance().clear()
+    trainer = Trainer(compose(["algorithm=cdmad", "algorithm.base=remixmatch", "pseudo=none",
+                               "trainer.iterations=1", "trainer.batch_size=8", "device=cpu",
+                               f"run_dir={tmp_path / 'run'}"]))
+    assert (trainer.algo.cfg.lambda_u, trainer.algo.cfg.dist_align) == (2.0, "labeled")
