@@ -89,10 +89,13 @@ class CDMADConfig(AlgorithmConfig):
     epoch_iters: int = 500  # steps per epoch (official --val-iteration 500)
     debias_after_epochs: int = 100  # debiased when epoch > 100 (official --debiasstart); -1: always
     bias_image_value: float = 1.0  # the solid image (official torch.ones, normalised input)
-    #: whether the training-time measurement moves the batch-norm running statistics (official:
-    #: yes, ``model(white)`` in train mode; its share of the updates is 1 of 2 forwards a step
-    #: here, 1 of 5 in the official loop)
-    bias_updates_bn_stats: bool = True
+    #: the weight of the training-time measurement's batch-norm running-statistic update,
+    #: relative to one of the step's other forwards (1: a full update, 0: none); null: the
+    #: official share (BN_UPDATE_SCALE). Officially ``model(white)`` is 1 of the step's 5
+    #: (FixMatch) or 12 (ReMixMatch) train-mode forwards, each moving the statistics by the
+    #: momentum; imbssl's step has fewer forwards (FixMatch: 1 joint batch), so a full update
+    #: would give the solid image a larger share of the statistics evaluation reads.
+    bias_bn_update_scale: float | None = None
     debias_eval: bool = True  # evaluate argmax f(x) - g (official validate: outputs - biaseddegree)
     dist_align: str | None = None  # none | labeled | uniform; null: the base's (BASE_DEFAULTS)
     dist_align_window: int = 128  # batches in p~(y) (ReMixMatch / DASO)
@@ -116,13 +119,29 @@ class CDMADConfig(AlgorithmConfig):
                 setattr(self, key, value)
 
 
+def official_update_scale(official_others: int, imbssl_others: int) -> float:
+    """The scale k that gives the solid image the official share of the batch-norm updates:
+    officially 1 of ``official_others + 1`` equal updates a step, here its update weighted k
+    beside ``imbssl_others`` full ones: ``k / (k + n) = 1 / (N + 1)``, ``k = n / N``."""
+    return imbssl_others / official_others
+
+
+#: The default ``bias_bn_update_scale`` per base: FixMatch officially 4 other forwards
+#: (fixmatchcdmad.py: weak, labeled, strong, strong), here 1 (the joint batch); ReMixMatch
+#: officially 11 (remixmatchcdmad.py: weak, 7 interleaved mixed batches, weak labeled,
+#: rotated, strong 1), here 5 (weak, mixed, strong 1, rotated, weak labeled: passes=official).
+BN_UPDATE_SCALE = {"fixmatch": official_update_scale(4, 1),
+                   "remixmatch": official_update_scale(11, 5)}
+
 #: The official value per base of the fields both variants share (a null in the config):
 BASE_DEFAULTS = {
     # fixmatchcdmad.py: loss = Lx + Lu; no distribution alignment
-    "fixmatch": {"lambda_u": 1.0, "dist_align": "none"},
+    "fixmatch": {"lambda_u": 1.0, "dist_align": "none",
+                 "bias_bn_update_scale": BN_UPDATE_SCALE["fixmatch"]},
     # remixmatchcdmad.py --lambda-u 2; alignment iff imb_ratio == imb_ratio_u (a row of another
     # unlabeled distribution sets dist_align=none, as the generated rows do)
-    "remixmatch": {"lambda_u": 2.0, "dist_align": "labeled"},
+    "remixmatch": {"lambda_u": 2.0, "dist_align": "labeled",
+                   "bias_bn_update_scale": BN_UPDATE_SCALE["remixmatch"]},
 }
 
 
@@ -140,15 +159,22 @@ def measure_bias(model: nn.Module, image: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def measure_bias_keeping_bn_stats(model: nn.Module, image: Tensor) -> Tensor:
-    """``measure_bias`` with every batch-norm running statistic restored afterwards (the
-    solid image is not counted in them)."""
+def measure_bias_scaling_bn_update(model: nn.Module, image: Tensor, scale: float) -> Tensor:
+    """``measure_bias`` whose batch-norm running-statistic update is scaled by ``scale``:
+    ``r <- r + scale * (r' - r)`` with ``r'`` the statistic after the forward, i.e. the
+    momentum ``m`` acts as ``scale * m`` (1: the forward's own update, 0: none, the solid image
+    is not counted; the batch counter keeps its increment unless ``scale`` is 0)."""
+    if scale == 1:
+        return measure_bias(model, image)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [[b.clone() for b in m.buffers()] for m in norms]
     bias = measure_bias(model, image)
     for m, buffers in zip(norms, saved, strict=True):
         for b, old in zip(m.buffers(), buffers, strict=True):
-            b.copy_(old)
+            if b.is_floating_point():
+                b.copy_(old + scale * (b - old))
+            elif scale == 0:
+                b.copy_(old)
     return bias
 
 
@@ -180,6 +206,8 @@ def check_cdmad_config(cfg: CDMADConfig) -> None:
                         f"{BASES} (official fixmatchcdmad.py, remixmatchcdmad.py)")
     reject_setting(cfg, "epoch_iters", ">= 1", when=cfg.epoch_iters < 1)
     reject_setting(cfg, "debias_after_epochs", ">= -1", when=cfg.debias_after_epochs < -1)
+    reject_setting(cfg, "bias_bn_update_scale", "in [0, 1]",
+                   when=not 0 <= cfg.bias_bn_update_scale <= 1)
 
 
 def check_remixmatch_config(cfg: CDMADConfig) -> None:
@@ -238,9 +266,8 @@ class SolidImageDebiasing:
         """g of this step: the training network (train mode) on the solid image, alone in its
         batch, before the step's forwards (official ``biaseddegree, _ = model(white)``)."""
         self.record_input_shape(images)
-        measure = (measure_bias if self.cfg.bias_updates_bn_stats
-                   else measure_bias_keeping_bn_stats)
-        bias = measure(model, self.solid_image(images.device))
+        bias = measure_bias_scaling_bn_update(model, self.solid_image(images.device),
+                                              self.cfg.bias_bn_update_scale)
         self.bias.copy_(bias)
         return bias
 

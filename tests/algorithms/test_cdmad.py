@@ -14,7 +14,7 @@ import torch
 from torch.nn import functional as F
 
 from imbssl.algorithms import StepState, get_algorithm
-from imbssl.algorithms.cdmad import measure_bias, measure_bias_keeping_bn_stats
+from imbssl.algorithms.cdmad import measure_bias, measure_bias_scaling_bn_update
 from imbssl.engine.checkpoint import state_differences
 from imbssl.engine.trainer import Trainer
 
@@ -105,16 +105,28 @@ def test_step_measures_the_bias_and_trains_both_strong_views_towards_the_debiase
     assert float(logs["cdmad/debiasing"]) == 1.0
 
 
-@pytest.mark.parametrize("updates", [True, False])
-def test_the_measurement_moves_bn_statistics_only_when_asked(updates):
-    algo, model, ema, opt, labels = make_setup("cdmad", bias_updates_bn_stats=updates)
+@pytest.mark.parametrize("scale", [1.0, 0.25, 0.0])
+def test_the_measurement_moves_bn_statistics_by_the_scaled_momentum(scale):
+    _, model, *_ = make_setup("cdmad")
+    _, full, *_ = make_setup("cdmad")  # the same seeded network: a full update for reference
+    image = torch.ones(1, 1, 8, 8)
     before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
-    algo.record_input_shape(torch.zeros(1, 1, 8, 8))
-    measure = measure_bias if updates else measure_bias_keeping_bn_stats
-    bias = measure(model, algo.solid_image("cpu"))
-    after = model.state_dict()
-    assert torch.allclose(bias, measure_bias(make_setup("cdmad")[1], algo.solid_image("cpu")))
-    assert any(not torch.equal(v, after[k]) for k, v in before.items()) == updates
+    bias = measure_bias_scaling_bn_update(model, image, scale)
+    assert torch.allclose(bias, measure_bias(full, image))
+    after, updated = model.state_dict(), full.state_dict()
+    for key, old in before.items():  # r <- r + scale * (r_full - r)
+        torch.testing.assert_close(after[key], old + scale * (updated[key] - old), msg=key)
+    assert any(not torch.equal(v, after[k]) for k, v in before.items()) == (scale > 0)
+
+
+def test_the_default_scale_gives_the_solid_image_its_official_share():
+    from imbssl.algorithms.cdmad import CDMADConfig, official_update_scale
+
+    # k / (k + n) = 1 / (N + 1): FixMatch 1 of 5 forwards officially, 1 + 1 joint here
+    assert CDMADConfig().bias_bn_update_scale == official_update_scale(4, 1) == 0.25
+    k = CDMADConfig(base="remixmatch").bias_bn_update_scale
+    assert abs(k / (k + 5) - 1 / 12) < 1e-12
+    assert CDMADConfig(bias_bn_update_scale=1.0).bias_bn_update_scale == 1.0
 
 
 def test_evaluation_subtracts_the_bias_of_the_evaluated_network_in_eval_mode():
