@@ -229,29 +229,3 @@ def test_abc_and_acr_rows_are_generated_and_compose():
             continue
         assert d.reverse_unlabeled == ("_reversed" in name)
         assert d.gamma_u == (1 if "_uniform" in name else d.gamma_l)
-
-
-@pytest.mark.parametrize("name", ["abc", "acr"])
-def test_yaml_restates_every_default_with_a_source(name):
-    """configs/algorithm/{abc,acr}.yaml: every field written, equal to the dataclass default,
-    each with a comment (as tests/algorithms/test_configs.py for the seed algorithms)."""
-    import dataclasses
-
-    from omegaconf import OmegaConf
-
-    from imbssl.algorithms import get_algorithm
-    from imbssl.cli import CONFIG_DIR
-
-    path = Path(CONFIG_DIR) / "algorithm" / f"{name}.yaml"
-    raw = OmegaConf.load(path)
-    assert list(raw.defaults) == [f"{name}_schema", "_self_"]
-    values = OmegaConf.to_container(raw)
-    values.pop("defaults")
-    cls = get_algorithm(name)
-    assert set(values) == {f.name for f in dataclasses.fields(cls.Config)}
-    merged = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Config), values))
-    assert merged == cls.Config()
-    for line in path.read_text().splitlines():
-        key = line.split(":")[0]
-        if key in values and key != "name":
-            assert "#" in line, line

@@ -214,28 +214,6 @@ def test_digits_lt_cli_run(tmp_path, pseudo):
     assert sum(last) == pytest.approx(1.0, abs=1e-5) and first != last  # moved after step 2
 
 
-def test_yaml_restates_every_default_with_a_source():
-    """configs/algorithm/ccl.yaml: every field written, equal to the dataclass default, each
-    with a comment."""
-    import dataclasses
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
-    from imbssl.algorithms.ccl import CCLConfig
-    from imbssl.cli import CONFIG_DIR
-
-    path = Path(CONFIG_DIR) / "algorithm" / "ccl.yaml"
-    values = OmegaConf.to_container(OmegaConf.load(path))
-    assert values.pop("defaults") == ["ccl_schema", "_self_"]
-    assert set(values) == {f.name for f in dataclasses.fields(CCLConfig)}
-    merged = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(CCLConfig), values))
-    assert merged == CCLConfig()
-    for line in path.read_text().splitlines():
-        if line.split(":")[0] in values and not line.startswith("name:"):
-            assert "#" in line, line
-
-
 def test_experiment_rows_are_generated_and_compose():
     """Every setting with the paper's recipe, with DASO's, and with DASO's + pseudo=daso; the
     recipe's switches and the official per-setting values arrive in the composed config."""

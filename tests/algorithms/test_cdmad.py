@@ -32,32 +32,6 @@ def _algo(**overrides):
     return algo
 
 
-def test_yaml_restates_every_default_with_a_source():
-    """configs/algorithm/cdmad.yaml: every field written, equal to the dataclass default, each
-    with a comment (as tests/algorithms/test_configs.py for the seed algorithms)."""
-    import dataclasses
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
-    from imbssl.algorithms import get_algorithm
-    from imbssl.cli import CONFIG_DIR
-
-    path = Path(CONFIG_DIR) / "algorithm" / "cdmad.yaml"
-    raw = OmegaConf.load(path)
-    assert list(raw.defaults) == ["cdmad_schema", "_self_"]
-    values = OmegaConf.to_container(raw)
-    values.pop("defaults")
-    cls = get_algorithm("cdmad")
-    assert set(values) == {f.name for f in dataclasses.fields(cls.Config)}
-    merged = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Config), values))
-    assert merged == cls.Config()
-    for line in path.read_text().splitlines():
-        key = line.split(":")[0]
-        if key in values and key != "name":
-            assert "#" in line, line
-
-
 def test_pseudo_targets_subtract_the_bias_once_debiasing():
     algo = _algo()
     logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.2, 0.1]])

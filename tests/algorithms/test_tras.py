@@ -218,11 +218,3 @@ def test_rows_are_generated_and_compose():
                                                            in name) else 1.5)
     own = compose(["experiment=cifar10_lt_g100_n1000_tras"]).dataset
     assert (own.n1, own.m1, own.gamma_l, own.gamma_u) == (1000, 4000, 100, 100)
-
-
-@pytest.mark.parametrize("name", ["tras"])
-def test_yaml_restates_every_default_with_a_source(name):
-    """configs/algorithm/tras.yaml: every field, equal to its default, with a source."""
-    from .test_abc import test_yaml_restates_every_default_with_a_source as check
-
-    check(name)
