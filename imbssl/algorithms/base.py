@@ -335,6 +335,14 @@ def refuse_logit_adjust(cfg, name: str, why: str) -> None:
                         "does not apply, set algorithm.logit_adjust=none")
 
 
+def fill_null_fields(cfg, values: dict) -> None:
+    """Set each field of ``cfg`` that is None (a ``null`` in the config: "the method's own
+    value") to ``values[field]``, e.g. the official value of the chosen base learner."""
+    for key, value in values.items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+
+
 def reject_setting(cfg, field: str, rule: str, when: bool) -> None:
     """Raise ``ValueError("algorithm.<field> must be <rule>, got <value>")`` when ``when``
     (the constructors' check of their settings)."""

@@ -67,7 +67,13 @@ import torch
 from torch import Tensor, nn
 
 from imbssl.algorithms import register
-from imbssl.algorithms.base import AlgorithmConfig, Batch, StepState, reject_setting
+from imbssl.algorithms.base import (
+    AlgorithmConfig,
+    Batch,
+    StepState,
+    fill_null_fields,
+    reject_setting,
+)
 from imbssl.algorithms.fixmatch import FixMatch, fixmatch_mask
 from imbssl.algorithms.ops import one_hot, soft_cross_entropy
 from imbssl.algorithms.remixmatch import ReMixMatch
@@ -91,7 +97,7 @@ class CDMADConfig(AlgorithmConfig):
     bias_image_value: float = 1.0  # the solid image (official torch.ones, normalised input)
     #: the weight of the training-time measurement's batch-norm running-statistic update,
     #: relative to one of the step's other forwards (1: a full update, 0: none); null: the
-    #: official share (BN_UPDATE_SCALE). Officially ``model(white)`` is 1 of the step's 5
+    #: official share (BASE_DEFAULTS). Officially ``model(white)`` is 1 of the step's 5
     #: (FixMatch) or 12 (ReMixMatch) train-mode forwards, each moving the statistics by the
     #: momentum; imbssl's step has fewer forwards (FixMatch: 1 joint batch), so a full update
     #: would give the solid image a larger share of the statistics evaluation reads.
@@ -114,9 +120,7 @@ class CDMADConfig(AlgorithmConfig):
 
     def __post_init__(self) -> None:
         """Null fields take the base's value; an unknown base is left to ``check_cdmad_config``."""
-        for key, value in BASE_DEFAULTS.get(self.base, {}).items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
+        fill_null_fields(self, BASE_DEFAULTS.get(self.base, {}))
 
 
 def official_update_scale(official_others: int, imbssl_others: int) -> float:
@@ -126,22 +130,18 @@ def official_update_scale(official_others: int, imbssl_others: int) -> float:
     return imbssl_others / official_others
 
 
-#: The default ``bias_bn_update_scale`` per base: FixMatch officially 4 other forwards
-#: (fixmatchcdmad.py: weak, labeled, strong, strong), here 1 (the joint batch); ReMixMatch
-#: officially 11 (remixmatchcdmad.py: weak, 7 interleaved mixed batches, weak labeled,
-#: rotated, strong 1), here 5 (weak, mixed, strong 1, rotated, weak labeled: passes=official).
-BN_UPDATE_SCALE = {"fixmatch": official_update_scale(4, 1),
-                   "remixmatch": official_update_scale(11, 5)}
-
 #: The official value per base of the fields both variants share (a null in the config):
 BASE_DEFAULTS = {
-    # fixmatchcdmad.py: loss = Lx + Lu; no distribution alignment
+    # fixmatchcdmad.py: loss = Lx + Lu; no distribution alignment; the solid image's forward is
+    # 1 of 5 (weak, labeled, strong, strong beside it), here 1 of 2 (the joint batch)
     "fixmatch": {"lambda_u": 1.0, "dist_align": "none",
-                 "bias_bn_update_scale": BN_UPDATE_SCALE["fixmatch"]},
+                 "bias_bn_update_scale": official_update_scale(4, 1)},
     # remixmatchcdmad.py --lambda-u 2; alignment iff imb_ratio == imb_ratio_u (a row of another
-    # unlabeled distribution sets dist_align=none, as the generated rows do)
+    # unlabeled distribution sets dist_align=none, as the generated rows do); the solid image's
+    # forward is 1 of 12 (weak, 7 interleaved mixed batches, weak labeled, rotated, strong 1),
+    # here 1 of 6 (weak, mixed, strong 1, rotated, weak labeled: passes=official)
     "remixmatch": {"lambda_u": 2.0, "dist_align": "labeled",
-                   "bias_bn_update_scale": BN_UPDATE_SCALE["remixmatch"]},
+                   "bias_bn_update_scale": official_update_scale(11, 5)},
 }
 
 
@@ -403,10 +403,9 @@ class ReMixMatchCDMAD(SolidImageDebiasing, ReMixMatch):
     def restart_alignment_window(self, step: int) -> None:
         """p~(y) averages this epoch's batches only (official: ``emp_distb_u`` restarts from the
         first batch of every epoch, since ``train`` never returns it to ``main``)."""
-        da = self.dist_align
-        if da is not None and self.cfg.dist_align_epoch_reset and step % self.cfg.epoch_iters == 0:
-            da.history.zero_()
-            da.count.zero_()
+        if (self.dist_align is not None and self.cfg.dist_align_epoch_reset
+                and step % self.cfg.epoch_iters == 0):
+            self.dist_align.restart()
 
     def step(self, batch: Batch, state: StepState) -> tuple[Tensor, dict[str, Tensor]]:
         self.measure_training_bias(state.model, batch.x_lb)  # g, train mode, before all else

@@ -53,7 +53,13 @@ from torch.nn import functional as F
 
 from imbssl.algorithms import register
 from imbssl.algorithms.abc import linear_head
-from imbssl.algorithms.base import Batch, StepState, TrainingData, reject_setting
+from imbssl.algorithms.base import (
+    Batch,
+    StepState,
+    TrainingData,
+    fill_null_fields,
+    reject_setting,
+)
 from imbssl.algorithms.fixmatch import FixMatch, FixMatchConfig, fixmatch_mask
 from imbssl.algorithms.mixmatch import MixMatch, MixMatchConfig, mix_batches
 from imbssl.algorithms.ops import linear_rampup, mixup, one_hot, rotate_batch, sharpen
@@ -111,9 +117,7 @@ class CoSSLConfig(FixMatchConfig):
         own = BASE_DEFAULTS.get(self.base)
         if own is None:
             return
-        for key, value in own.items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
+        fill_null_fields(self, own)
         if self.colearn_lambda_u is None:
             self.colearn_lambda_u = self.lambda_u
 
@@ -545,8 +549,7 @@ class ReMixMatchCoSSL(CoLearning, ReMixMatch):
         ``emp_distb_u`` from the first co-learning batch on, now of the teacher's predictions)."""
         logs = super().switch_phase(model, ema_model)
         if self.dist_align is not None:
-            self.dist_align.history.zero_()
-            self.dist_align.count.zero_()
+            self.dist_align.restart()
         return logs
 
     def co_learning_step(self, batch: Batch, state: StepState

@@ -48,6 +48,12 @@ class DistAlign(PerClassDiagnostics, nn.Module):
         self.history.index_copy_(0, slot, mean)
         self.count += 1
 
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Empty the window: p~(y) is the mean of the batches pushed from now on."""
+        self.history.zero_()
+        self.count.zero_()
+
     def running_mean(self) -> Tensor:
         """Mean of the filled slots (p~(y))."""
         filled = self.count.clamp(min=1, max=self.window).to(self.history.dtype)
