@@ -25,6 +25,7 @@ from imbssl.errors import UserError
 from imbssl.models.base import ModelOutput
 
 from .conftest import BATCH, NUM_CLASSES, make_batch, make_setup, train_steps
+from .tiny_runs import train_steps_in_process
 
 
 def test_sharpen_hand_computed():
@@ -162,15 +163,7 @@ RESUME = ["dataset=digits_lt", "trainer.batch_size=8", "trainer.eval_interval=4"
 
 
 def _train(run_dir, iterations: int, resume: bool = False):
-    from hydra.core.global_hydra import GlobalHydra
-
-    from imbssl.cli import compose
-    from imbssl.engine.trainer import Trainer
-
-    GlobalHydra.instance().clear()
-    cfg = compose([*RESUME, f"trainer.iterations={iterations}", f"run_dir={run_dir}",
-                   f"resume={'true' if resume else 'false'}"])
-    Trainer(cfg).run()
+    train_steps_in_process(run_dir, iterations, resume, RESUME)
 
 
 def test_an_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path):

@@ -24,6 +24,7 @@ from imbssl.models import BranchOutput, build_model
 
 from .conftest import make_batch, make_setup, train_steps
 from .test_ctaugment_training import checkpoint
+from .tiny_runs import train_steps_in_process
 
 
 def test_expert_labeled_loss_adds_tau_log_prior():
@@ -158,20 +159,12 @@ def test_refusals_are_one_line_exit_2(tmp_path, override, word):
 
 
 def _train(run_dir, iterations: int, resume: bool = False, *extra: str) -> None:
-    from hydra.core.global_hydra import GlobalHydra
-
-    from imbssl.cli import compose
-    from imbssl.engine.trainer import Trainer
-
-    GlobalHydra.instance().clear()
-    cfg = compose(["algorithm=cpe", "pseudo=none", "model.classwise_bn=3",
-                   "algorithm.epoch_iters=2", "algorithm.threshold=0.3", "trainer.batch_size=8",
-                   "trainer.eval_interval=6", "trainer.log_interval=3",
-                   "trainer.checkpoint_interval=6", "trainer.progress=false",
-                   "trainer.report=false", "trainer.tensorboard=false", "device=cpu",
-                   "dataset.n1=30", "dataset.m1=60", f"trainer.iterations={iterations}",
-                   f"run_dir={run_dir}", f"resume={'true' if resume else 'false'}", *extra])
-    Trainer(cfg).run()
+    train_steps_in_process(run_dir, iterations, resume, [
+        "algorithm=cpe", "pseudo=none", "model.classwise_bn=3", "algorithm.epoch_iters=2",
+        "algorithm.threshold=0.3", "trainer.batch_size=8", "trainer.eval_interval=6",
+        "trainer.log_interval=3", "trainer.checkpoint_interval=6", "trainer.progress=false",
+        "trainer.report=false", "trainer.tensorboard=false", "device=cpu", "dataset.n1=30",
+        "dataset.m1=60", *extra])
 
 
 def test_an_interrupted_run_resumes_exactly(tmp_path):

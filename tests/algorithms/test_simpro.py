@@ -18,6 +18,7 @@ from imbssl.algorithms.simpro import (
 )
 
 from .conftest import make_batch, make_setup, train_steps
+from .tiny_runs import train_steps_in_process
 
 STATE = ("unlabeled_prior", "train_prior", "epoch_pseudo_sum", "epoch_labeled_count")
 
@@ -112,15 +113,7 @@ RESUME = ["dataset=digits_lt", "algorithm=simpro", "pseudo=none", "trainer.batch
 
 
 def _train(run_dir, iterations: int, resume: bool = False):
-    from hydra.core.global_hydra import GlobalHydra
-
-    from imbssl.cli import compose
-    from imbssl.engine.trainer import Trainer
-
-    GlobalHydra.instance().clear()
-    cfg = compose([*RESUME, f"trainer.iterations={iterations}", f"run_dir={run_dir}",
-                   f"resume={'true' if resume else 'false'}"])
-    Trainer(cfg).run()
+    train_steps_in_process(run_dir, iterations, resume, RESUME)
 
 
 def test_a_resumed_run_ends_exactly_like_the_uninterrupted_one(tmp_path):

@@ -22,6 +22,7 @@ from imbssl.errors import UserError
 from imbssl.models.base import ModelOutput
 
 from .conftest import NUM_CLASSES, make_batch, make_setup, train_steps
+from .tiny_runs import train_steps_in_process
 
 
 def test_adjustment_scale_and_target_hand_computed():
@@ -149,20 +150,12 @@ def test_digits_lt_cli_run(tmp_path, pseudo):
 
 
 def _train(run_dir, iterations: int, resume: bool = False):
-    from hydra.core.global_hydra import GlobalHydra
-
-    from imbssl.cli import compose
-    from imbssl.engine.trainer import Trainer
-
-    GlobalHydra.instance().clear()
-    cfg = compose(["algorithm=tras", "algorithm.epoch_iters=2", "algorithm.warmup_epochs=1",
-                   "algorithm.threshold=0.3", "pseudo=none", "trainer.batch_size=8",
-                   "trainer.eval_interval=3", "trainer.log_interval=3",
-                   "trainer.checkpoint_interval=6", "trainer.progress=false",
-                   "trainer.report=false", "trainer.tensorboard=false", "device=cpu",
-                   "dataset.n1=30", "dataset.m1=60", f"trainer.iterations={iterations}",
-                   f"run_dir={run_dir}", f"resume={'true' if resume else 'false'}"])
-    Trainer(cfg).run()
+    train_steps_in_process(run_dir, iterations, resume, [
+        "algorithm=tras", "algorithm.epoch_iters=2", "algorithm.warmup_epochs=1",
+        "algorithm.threshold=0.3", "pseudo=none", "trainer.batch_size=8",
+        "trainer.eval_interval=3", "trainer.log_interval=3", "trainer.checkpoint_interval=6",
+        "trainer.progress=false", "trainer.report=false", "trainer.tensorboard=false",
+        "device=cpu", "dataset.n1=30", "dataset.m1=60"])
 
 
 def test_an_interrupted_and_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path):

@@ -29,3 +29,18 @@ def tiny_run(run_dir: Path, *overrides: str) -> list[dict]:
                          if k.startswith("loss/"))
     assert any(r["split"] == "pseudo" for r in rows) or "algorithm=supervised" in overrides
     return rows
+
+
+def train_steps_in_process(run_dir: Path, iterations: int, resume: bool,
+                           overrides: list[str]) -> None:
+    """``Trainer(compose(overrides)).run()`` for ``iterations`` steps into ``run_dir``
+    (``resume=true``: continue its last checkpoint), as the exact-resume tests train the
+    straight and the interrupted run."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from imbssl.cli import compose
+    from imbssl.engine.trainer import Trainer
+
+    GlobalHydra.instance().clear()
+    Trainer(compose([*overrides, f"trainer.iterations={iterations}", f"run_dir={run_dir}",
+                     f"resume={'true' if resume else 'false'}"])).run()
